@@ -45,8 +45,9 @@ class ModelConfig:
       always float32.
     remat: activation rematerialisation per block: "none", "full" (recompute the whole block
       in the backward pass) or "dots" (save matmul outputs, recompute the rest).
-    scan_layers: stack the blocks' parameters on a leading `layers` axis and run them with
-      `jax.lax.scan`, so compile time does not grow with depth.
+    scan_unroll: blocks per iteration of the layer scan. The blocks' parameters are always
+      stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile time does not
+      grow with depth; unrolling trades compile time for speed on small models.
   """
 
   dim: int
@@ -63,7 +64,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: str = "none"
-  scan_layers: bool = True
+  scan_unroll: int = 1
 
   def __post_init__(self):
     positive = ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len")
@@ -88,6 +89,10 @@ class ModelConfig:
             f"ModelConfig.{name} is {getattr(self, name)!r}; expected one of {sorted(DTYPES)}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat is {self.remat!r}; expected one of {REMAT_POLICIES}.")
+    if not isinstance(self.scan_unroll, int) or not 1 <= self.scan_unroll <= self.n_layers:
+      raise ValueError(
+          f"ModelConfig.scan_unroll must be an integer in [1, n_layers={self.n_layers}], "
+          f"got {self.scan_unroll!r}.")
     if self.norm_eps <= 0:
       raise ValueError(f"ModelConfig.norm_eps must be positive, got {self.norm_eps}.")
 
