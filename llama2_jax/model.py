@@ -338,7 +338,7 @@ class Llama(nn.Module):
 def init_params(model: Llama, rng: jax.Array, batch_size: int = 1, length: int = 8):
   """Initialises parameters, returning the unboxed tree (logical axes via `param_axes`)."""
   tokens = jnp.zeros((batch_size, length), jnp.int32)
-  return nn.unbox(model.init(rng, tokens))
+  return jax.jit(lambda key: nn.unbox(model.init(key, tokens)))(rng)
 
 
 def param_axes(model: Llama):

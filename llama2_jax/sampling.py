@@ -87,6 +87,16 @@ def choose_tokens(logits_BxV: jax.Array, rng: jax.Array, *, temperature, top_k, 
   return tokens_B, pick(model_logprobs), sampling_lp
 
 
+def _check_settings(temperature, top_k, top_p) -> None:
+  """Validates sampling settings given as Python numbers (traced values are not checked)."""
+  if isinstance(temperature, (int, float)) and temperature < 0:
+    raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
+  if isinstance(top_k, int) and top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}.")
+  if isinstance(top_p, (int, float)) and not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}.")
+
+
 def prefill(model: Llama, params, prompt_tokens_BxP, prompt_mask_BxP, cache: KVCache,
             chunk_size: int | None = None):
   """Feeds the prompt into the cache in chunks; returns (last-position logits [B, V], cache)."""
@@ -101,8 +111,6 @@ def prefill(model: Llama, params, prompt_tokens_BxP, prompt_mask_BxP, cache: KVC
   return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "prefill_chunk_size",
-                                             "eos_id", "pad_id"))
 def sample(model: Llama, params, prompt_tokens_BxP: jax.Array, prompt_mask_BxP: jax.Array,
            rng: jax.Array, *, max_new_tokens: int, temperature=1.0, top_k=0, top_p=1.0,
            eos_id: int = 2, pad_id: int = 0,
@@ -128,6 +136,20 @@ def sample(model: Llama, params, prompt_tokens_BxP: jax.Array, prompt_mask_BxP: 
   """
   if model.head != "lm":
     raise ValueError(f"sample needs a model with the 'lm' head, got {model.head!r}.")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+  _check_settings(temperature, top_k, top_p)
+  # Fixed dtypes for the traced settings, so every call with the same shapes hits one program.
+  settings = (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+              jnp.asarray(top_p, jnp.float32))
+  return _sample_jit(model, params, prompt_tokens_BxP, prompt_mask_BxP, rng, settings,
+                     max_new_tokens, eos_id, pad_id, prefill_chunk_size)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _sample_jit(model, params, prompt_tokens_BxP, prompt_mask_BxP, rng, settings,
+                max_new_tokens, eos_id, pad_id, prefill_chunk_size):
+  temperature, top_k, top_p = settings
   batch, prompt_length = prompt_tokens_BxP.shape
   cache = init_cache(model.config, batch, prompt_length + max_new_tokens)
   logits_BxV, cache = prefill(model, params, prompt_tokens_BxP, prompt_mask_BxP, cache,
