@@ -41,7 +41,7 @@ class KVCache:
   Attributes:
     k_NxBxSxKxDh: rotated keys of every layer, in `config.dtype`.
     v_NxBxSxKxDh: values of every layer.
-    key_mask_BxS: True where a slot holds a real (non-padding) token.
+    key_mask_BxS: True where a slot contains a real (non-padding) token.
     index: next slot to write; the slots before it are filled in order.
   """
 
