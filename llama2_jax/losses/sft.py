@@ -53,9 +53,9 @@ def sft_loss(
   of the whole batch as `normalizer` to every micro-batch call and sum the gradients.
 
   Args:
-    logits_BxTxV: unnormalised scores of any float dtype; upcast to float32.
+    logits_BxTxV: unnormalised scores of any float dtype, upcast to float32.
     targets_BxT: integer token ids that the logits at the same position should predict.
-    loss_mask_BxT: nonzero on answer tokens; prompt tokens and padding are zero. Values at masked
+    loss_mask_BxT: nonzero on answer tokens, zero on prompt tokens and padding. Values at masked
       positions never enter the loss, the metrics or the gradient.
     normalizer: denominator of the average. None means the number of answer tokens in this call,
       or 1 when there are none, so an all-masked batch gives loss 0.
