@@ -19,11 +19,44 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from llama2_jax.config import ModelConfig
 
 TensorReader = Callable[[str], np.ndarray]
+
+# numpy dtypes of the names in `config.DTYPES`; numpy has no bfloat16, ml_dtypes provides it.
+NUMPY_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+
+
+class MissingTensorError(KeyError):
+  """A tensor that the model config requires is not in the checkpoint."""
+
+  def __str__(self) -> str:
+    # KeyError's own __str__ quotes its message as a repr.
+    return str(self.args[0]) if self.args else ""
+
+
+def dtype_name(dtype) -> str:
+  """Returns the name in `NUMPY_DTYPES` of a numpy dtype, or raises ValueError."""
+  for name, candidate in NUMPY_DTYPES.items():
+    if np.dtype(dtype) == candidate:
+      return name
+  raise ValueError(
+      f"Tensors of dtype {np.dtype(dtype).name} are not supported; expected one of "
+      f"{sorted(NUMPY_DTYPES)}.")
+
+
+def numpy_dtype(name: str) -> np.dtype:
+  """Returns the numpy dtype of a dtype name such as "bfloat16"."""
+  if name not in NUMPY_DTYPES:
+    raise ValueError(f"Unknown dtype {name!r}; expected one of {sorted(NUMPY_DTYPES)}.")
+  return NUMPY_DTYPES[name]
 
 
 def meta_rows_to_hf(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -153,7 +186,8 @@ def params_from_meta(read: TensorReader, config: ModelConfig, dtype=np.float32) 
   """Builds the parameter tree from Meta-named tensors, e.g. `layers.0.attention.wq.weight`.
 
   `read(name)` returns one tensor as a numpy array (already concatenated across model-parallel
-  shards) and raises KeyError when it is missing.
+  shards) and raises KeyError (such as `MissingTensorError`) when it is missing. The tensors are
+  cast to `dtype`.
   """
   return _read_params(read, config, hf=False, dtype=dtype)
 
