@@ -42,6 +42,11 @@ def llama2():
   return Tokenizer(LLAMA2_TOKENIZER)
 
 
+def test_reference_id_lists_complete():
+  assert len(HAIKU_IDS) == 54
+  assert len(SINGLE_IDS) == 20
+
+
 @needs_llama2_tokenizer
 def test_haiku_dialog_ids(llama2):
   assert chat.encode_dialog_prompt(llama2, HAIKU_DIALOG) == HAIKU_IDS

@@ -1,5 +1,6 @@
 """Tests of example and batch building: exact masks, packing, pairs, prompts, GAtt, distillation."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from llama2_jax.data.sft import (ghost_attention_example, instruction_in_every_t
                                  sft_example)
 from llama2_jax.data.sources import default_sources, read_source
 from llama2_jax.losses.reward import MARGIN_PRESETS, Rating
+from llama2_jax.losses.sft import sft_loss
 from llama2_jax.tokenizer import Tokenizer
 
 PAD = 0
@@ -218,3 +220,30 @@ def test_batch_config_validation(overrides, message):
   settings.update(overrides)
   with pytest.raises(ValueError, match=message):
     BatchConfig(**settings)
+
+
+def test_loss_gradient_only_on_answer_logits():
+  """The SFT loss on a [P1, P2, P3, R1, R2, EOS] batch has exactly the 3 answer terms."""
+  encoder = TableEncoder({"[INST] q [/INST]": [10, 11], "r ": [20, 21]})
+  example = sft_example(encoder, [Message("user", "q"), Message("assistant", "r")])
+  batch = sft_batch([[example]], batch_size=1, max_length=8, pad_id=PAD)
+  random_logits_BxTxV = np.random.default_rng(0).normal(size=(1, 8, 32)).astype(np.float32)
+
+  def loss_fn(logits_BxTxV):
+    return sft_loss(logits_BxTxV=logits_BxTxV, targets_BxT=batch["targets"],
+                    loss_mask_BxT=batch["loss_mask"])
+
+  (_, metrics), grad_BxTxV = jax.value_and_grad(loss_fn, has_aux=True)(random_logits_BxTxV)
+  assert float(metrics["sft/tokens"]) == 3.0
+  touched = np.flatnonzero(np.abs(np.asarray(grad_BxTxV[0])).sum(axis=-1))
+  assert touched.tolist() == [2, 3, 4]  # Logits that predict R1, R2 and EOS.
+
+
+def test_answer_mask_ignores_template_lookalikes():
+  """An answer whose ids repeat the prompt's ids is still masked by segment, not by search."""
+  # "[INST] q [/INST]" and the answer "x " encode to the same ids, so searching the encoded
+  # text for the template could not tell which copy is the answer.
+  encoder = TableEncoder({"[INST] q [/INST]": [10, 11], "x ": [10, 11]})
+  example = sft_example(encoder, [Message("user", "q"), Message("assistant", "x")])
+  np.testing.assert_array_equal(example.tokens, [1, 10, 11, 10, 11, 2])
+  np.testing.assert_array_equal(example.answer_mask, [0, 0, 0, 1, 1, 1])

@@ -1,17 +1,22 @@
 """Tests of the tfds builders and the splits: round trip, no network, no partial output."""
 
 import gzip
+import importlib.abc
+import json
+import logging
 import os
 import socket
+import sys
 
 import pytest
 from tensorflow_datasets.core.utils import gcs_utils
 
-from llama2_jax.data import builders
+from llama2_jax.data import builders, hh_rlhf
 from llama2_jax.data.config import DatasetConfig
 from llama2_jax.data.errors import DataError
 from llama2_jax.data.sources import SourceFile, asset_path
-from llama2_jax.data.splits import assign_split
+from llama2_jax.data.splits import SPLITS, assign_split
+from llama2_jax.losses.reward import Rating
 
 HELPFUL = asset_path("hh_rlhf/helpful-base.test.jsonl.gz")
 
@@ -141,3 +146,86 @@ def test_dataset_config_validation(tmp_path, overrides, message):
   settings.update(overrides)
   with pytest.raises(ValueError, match=message):
     DatasetConfig(**settings)
+
+
+def user_jsonl_files(tmp_path, hh_file):
+  """Writes the real HH-RLHF records of `hh_file` in the three user JSONL formats."""
+  records = [json.loads(line) for line in hh_file.read_text().splitlines()]
+  dialogues, pairs, prompts = [], [], []
+  for line, record in enumerate(records, start=1):
+    chosen, rejected = hh_rlhf.parse_pair(str(hh_file), line, record)
+    messages = [{"role": m.role, "content": m.content} for m in chosen]
+    dialogues.append({"id": f"d{line}", "messages": messages})
+    pairs.append({"id": f"p{line}", "context": messages[:-1], "chosen": chosen[-1].content,
+                  "rejected": rejected[-1].content, "rating": "slightly_better"})
+    prompts.append({"id": f"q{line}", "prompt": chosen[0].content, "is_safety": line % 2 == 0})
+  paths = {}
+  for name, rows in (("dialogues", dialogues), ("pairs", pairs), ("prompts", prompts)):
+    paths[name] = tmp_path / f"user_{name}.jsonl"
+    paths[name].write_text("".join(json.dumps(row) + "\n" for row in rows))
+  return paths, len(records)
+
+
+@pytest.mark.parametrize("name, kind", [("sft_dialogues", "dialogues"),
+                                        ("helpfulness_pairs", "pairs"),
+                                        ("rl_prompts", "prompts")])
+def test_user_jsonl_by_path(tmp_path, hh_file, name, kind):
+  paths, count = user_jsonl_files(tmp_path, hh_file)
+  config = tiny_config(tmp_path, hh_file, name=name,
+                       sources=(SourceFile("jsonl", str(paths[kind]), name="mine"),))
+  loaded = [r for split in SPLITS for r in builders.load(config, split)]
+  assert len(loaded) == count
+  assert {r.source for r in loaded} == {"mine"}
+  assert all(r.origin.startswith(str(paths[kind]) + ":") for r in loaded)
+  if kind == "pairs":
+    assert {r.rating for r in loaded} == {int(Rating.SLIGHTLY_BETTER)}
+  if kind == "prompts":
+    assert sum(r.is_safety for r in loaded) == count // 2
+
+
+def test_rl_prompt_safety_by_source(tmp_path):
+  by_split = builders.read_split_records(DatasetConfig(name="rl_prompts", data_dir=str(tmp_path)))
+  safety = {}
+  for record in (r for records in by_split.values() for r in records):
+    safety.setdefault(record.source, set()).add(record.is_safety)
+  assert safety == {"oasst1": {False}, "hh_rlhf_helpful": {False},
+                    "hh_rlhf_harmless": {True}, "red_team": {True}}
+
+
+def test_missing_source_leaves_no_dataset(tmp_path, hh_file):
+  config = tiny_config(tmp_path, hh_file,
+                       sources=(SourceFile("hh_rlhf", str(tmp_path / "absent.jsonl")),))
+  with pytest.raises(DataError, match=r"absent\.jsonl: file not found"):
+    builders.prepare(config)
+  written = [name for _, dirs, files in os.walk(config.data_dir) for name in dirs + files]
+  assert not any("incomplete" in name or name == "1.0.0" for name in written), written
+
+
+def test_skip_policy_logs_count(tmp_path, hh_file, caplog):
+  with open(hh_file, "ab") as f:
+    f.write(b'{"chosen": "unterminated\n')
+  config = tiny_config(tmp_path, hh_file, on_error="skip")
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    builders.read_split_records(config)
+  messages = [r.getMessage() for r in caplog.records]
+  assert any("hh.jsonl:41: malformed JSON" in m for m in messages)
+  assert any(m.startswith("Skipped 1 bad records of") for m in messages)
+
+
+class _BlockTensorFlow(importlib.abc.MetaPathFinder):
+  """Makes `import tensorflow` fail as it does where TensorFlow is not installed."""
+
+  def find_spec(self, name, path=None, target=None):
+    if name == "tensorflow" or name.startswith("tensorflow."):
+      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    return None
+
+
+def test_prepare_and_load_without_tensorflow(tmp_path, hh_file, monkeypatch):
+  monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+  monkeypatch.setattr(sys, "meta_path", [_BlockTensorFlow()] + sys.meta_path)
+  config = tiny_config(tmp_path, hh_file)
+  records = builders.load(config, "train")
+  assert len(records) > 0
+  assert records[0].messages[-1].role == "assistant"
+  assert "tensorflow" not in sys.modules

@@ -153,3 +153,21 @@ def test_prompt_iterator_shapes_fixed(tokenizer):
   assert all(b["prompt_tokens"].shape == (4, 128) for b in batches)
   assert batches[-1]["example_mask"].tolist() == [1, 1, 0, 0]
   assert all(b["is_safety"][b["example_mask"] == 1].all() for b in batches)
+
+
+@pytest.mark.parametrize("shard_index", [0, 1])
+@pytest.mark.parametrize("stop_after", [1, 2, 5])
+def test_resume_with_skips_and_shards(shard_index, stop_after):
+  """Resuming mid-epoch or at an epoch boundary, with skipped records, loses nothing."""
+  config = BatchConfig(batch_size=3, max_length=8, on_error="skip", shard_index=shard_index,
+                       shard_count=2)
+  batcher = IdBatcher(3, too_long={4, 9, 13})
+  reference = take_ids(BatchIterator(list(range(17)), batcher, config), 8)
+  first = BatchIterator(list(range(17)), batcher, config)
+  head = take_ids(first, stop_after)
+  # A checkpoint may hand the ints back as numpy scalars.
+  state = {key: np.int64(value) for key, value in first.get_state().items()}
+  resumed = BatchIterator(list(range(17)), batcher, config, state=state)
+  assert head + take_ids(resumed, 8 - stop_after) == reference
+  assert not {4, 9, 13} & set(reference)
+  assert resumed.get_state()["skipped"] > 0

@@ -1,6 +1,7 @@
 """Tests of the source readers: real records parse, and bad input names file, line and field."""
 
 import gzip
+import logging
 import json
 
 import pytest
@@ -216,3 +217,29 @@ def test_user_jsonl_bad_rating(tmp_path):
   path = write_lines(tmp_path / "u.jsonl", [json.dumps(record)])
   with pytest.raises(DataError, match="field 'rating': is 'much better'"):
     list(jsonl_formats.read_pairs(path, BadRecordHandler(), source="u", is_safety=False))
+
+
+def test_skip_policy_logs_and_caps(tmp_path, caplog):
+  lines = real_hh_lines(10)
+  for index in range(7):
+    lines[index] = "{not json"
+  path = write_lines(tmp_path / "noisy.jsonl", lines)
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    pairs, handler = read_hh(path, on_error="skip")
+    handler.log_summary("helpfulness_pairs")
+  messages = [r.getMessage() for r in caplog.records]
+  per_record = [m for m in messages if m.startswith("Skipped record")]
+  assert len(pairs) == 3
+  assert handler.skipped == 7
+  assert len(per_record) == 5  # The first five per file, then only a count.
+  assert "noisy.jsonl:1: malformed JSON" in per_record[0]
+  assert any("counted but not logged" in m for m in messages)
+  assert any(m.startswith("Skipped 7 bad records of") and path in m for m in messages)
+
+
+def test_csv_non_utf8_names_line(tmp_path):
+  path = tmp_path / "xstest.csv"
+  path.write_bytes(b"id,prompt,type,label,focus,note\n1,Fine,homonyms,safe,x,y\n"
+                   b"2,Caf\xe9,homonyms,safe,x,y\n")
+  with pytest.raises(DataError, match=r"xstest\.csv:3: is not valid UTF-8"):
+    list(prompt_sets.read_xstest(str(path), BadRecordHandler(), source="x", is_safety=False))

@@ -12,6 +12,10 @@ consumes only the records it contains. A record that does not fit (in a packed r
 batch) stays unread for the next batch. Restoring a state therefore yields exactly the batches
 that would have followed, with no record repeated or skipped. Restoring checks that the seed
 and the data size match.
+
+NOTE: with `num_epochs` set, processes can yield different numbers of batches, because shards
+differ in size by up to one record and skipped records and packing change the count. A multi-host
+loop must agree across processes on when to stop.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     self._handler = BadRecordHandler(config.on_error)
     self._epoch, self._index, self._skipped = 0, 0, 0
     self._order_epoch, self._order = -1, np.zeros(0, np.int64)
-    self._pending = None  # (epoch, index, example) of a record read but not yet consumed.
+    self._pending = None  # The encoded example at `_index`, read but not yet consumed.
     if state is not None:
       self.set_state(state)
 
