@@ -1,0 +1,32 @@
+"""The command-line entry shared by `run_pipeline` and the per-stage scripts.
+
+Flags: `--config` (an ml_collections config file with an optional `:variant`, overridable field
+by field as `--config.sft.learning_rate=1e-4`) and `--workdir`.
+"""
+
+import os
+from typing import Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from llama2_jax.pipeline.run import run_pipeline
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "pipeline.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Pipeline config file, optionally with :variant (tiny, quick, "
+    "7b, 13b, 70b).", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", "workdir", "Directory of checkpoints, metrics and the report; rerunning with the "
+    "same directory resumes.")
+
+
+def main(stages: Sequence[str] | None) -> None:
+  """Runs `stages` (None: the whole pipeline) with the flags of the command line."""
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    run_pipeline(_CONFIG.value, _WORKDIR.value, stages)
+
+  app.run(run)
