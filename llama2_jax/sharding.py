@@ -280,6 +280,8 @@ def jit_sharded_step(step_fn: Callable[..., tuple[Any, Any]], *, mesh: Mesh, sta
     batch_shardings: tree of `NamedSharding`s of the batch, e.g. from `batch_shardings`.
     extra_arg_shardings: one sharding (or tree of shardings) per further positional argument.
     donate_state: donate the input state's buffers; the caller must not use that state again.
+      NOTE: on CPU, JAX silently skips donating a buffer that a numpy view (from
+      `jax.device_get` or `np.asarray`) still references, and copies it instead.
 
   Returns:
     The jitted function.

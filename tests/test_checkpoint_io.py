@@ -252,6 +252,34 @@ def test_orbax_round_trip_and_format_detection(tmp_path):
   assert checkpoint_io.detect_format(tmp_path / "orbax") == "orbax"
 
 
+def test_orbax_config_mismatch_names_tensor_and_shapes(tmp_path):
+  config = get_model_config("test_gqa")  # 2 key/value heads.
+  checkpoint_io.save_orbax(_random_params(config), config, tmp_path / "orbax")
+  config_path = tmp_path / "orbax" / checkpoint_io.MODEL_CONFIG_FILE
+  fields = json.loads(config_path.read_text())
+  fields["n_kv_heads"] = 4
+  config_path.write_text(json.dumps(fields))
+
+  with pytest.raises(ValueError) as error:
+    checkpoint_io.load_orbax(tmp_path / "orbax")
+  message = str(error.value)
+  assert "['params']['layers']['attention']['wk']" in message
+  assert "(2, 64, 2, 16)" in message
+  assert "(2, 64, 4, 16)" in message
+
+
+def test_orbax_missing_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"model_config.json not found"):
+    checkpoint_io.load_orbax(tmp_path)
+
+
+def test_load_checkpoint_unknown_format(tmp_path):
+  with pytest.raises(ValueError, match=r"Unknown checkpoint format 'gguf'"):
+    checkpoint_io.load_checkpoint(tmp_path, "gguf")
+  with pytest.raises(ValueError, match=r"Cannot tell the format of"):
+    checkpoint_io.detect_format(tmp_path)
+
+
 def test_meta_missing_params_json(tmp_path):
   with pytest.raises(FileNotFoundError, match="params.json not found"):
     meta_io.load_meta(tmp_path)

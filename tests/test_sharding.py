@@ -7,11 +7,13 @@ import logging
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, PartitionSpec
+import optax
 import pytest
 
 from llama2_jax import sharding
 from llama2_jax.config import get_model_config
 from llama2_jax.model import Llama
+from llama2_jax.train_state import TrainState, state_shardings
 from tests import multidevice
 
 
@@ -113,3 +115,30 @@ def test_array_without_logical_axes_raises():
   mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
   with pytest.raises(ValueError, match=r"w \(shape \(4, 4\)\) has no logical axis names"):
     sharding.tree_shardings({"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}, {"w": None}, mesh)
+
+
+def _gradient_step(state, batch):
+  grads = {"w": batch["grad_BxE"].sum(axis=0)}
+  return state.apply_gradients(grads), {"grad_sum": jnp.sum(batch["grad_BxE"])}
+
+
+@pytest.mark.parametrize("donate_state", [True, False])
+def test_jit_sharded_step_donates_state(donate_state):
+  mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
+  make_state = lambda: TrainState.create(params={"w": jnp.ones(4)}, tx=optax.adam(0.1),
+                                         rng=jax.random.key(0))
+  shardings = state_shardings(jax.eval_shape(make_state), {"w": PartitionSpec("embed")}, mesh)
+  batch = {"grad_BxE": jnp.ones((2, 4))}
+  step = sharding.jit_sharded_step(
+      _gradient_step, mesh=mesh, state_shardings=shardings,
+      batch_shardings=sharding.batch_shardings(batch, mesh), donate_state=donate_state)
+  state = sharding.create_sharded(make_state, shardings)
+
+  new_state, metrics = step(state, batch)
+
+  assert state.params["w"].is_deleted() == donate_state
+  assert state.opt_state[0].mu["w"].is_deleted() == donate_state
+  assert not batch["grad_BxE"].is_deleted()
+  assert int(new_state.step) == 1
+  assert float(metrics["grad_sum"]) == 8.0
+  assert new_state.params["w"].sharding == shardings.params["w"]

@@ -1,5 +1,7 @@
 """Compares a forward pass and one AdamW step on sharded meshes with one device.
 
+It also checks that the sharded step donates the state's parameters and optimizer state.
+
 Run by tests/test_sharding.py in a process with 8 CPU devices. Exits non-zero on the first
 mismatch.
 """
@@ -74,7 +76,9 @@ def run_on_mesh(mesh, model, batch, initial_params=None):
   shardings = state_shardings(jax.eval_shape(initialise), param_axes(model), mesh)
   if initial_params is None:
     state = sharding_lib.create_sharded(initialise, shardings)
-    initial_params = jax.device_get(state.params)
+    # Copies, because on CPU `device_get` returns views of the device buffers, and JAX silently
+    # skips donating a buffer that a numpy view still references.
+    initial_params = jax.tree.map(np.array, jax.device_get(state.params))
   else:
     state = jax.device_put(make_state(initial_params), shardings)
 
@@ -90,7 +94,10 @@ def run_on_mesh(mesh, model, batch, initial_params=None):
   step = sharding_lib.jit_sharded_step(
       functools.partial(train_step, model=model), mesh=mesh, state_shardings=shardings,
       batch_shardings=batch_shardings)
+  donated_arrays = jax.tree.leaves((state.params, state.opt_state))
   state, metrics = step(state, batch)
+  not_donated = [array.shape for array in donated_arrays if not array.is_deleted()]
+  assert not not_donated, f"The sharded step did not donate state arrays of shapes {not_donated}."
   return initial_params, logits, state, shardings, metrics
 
 
