@@ -245,12 +245,18 @@ def wilson_interval(proportion: float, trials: int, *, confidence: float = 0.95
     raise ValueError(f"trials must be at least 1, got {trials}.")
   if not 0.0 <= proportion <= 1.0:
     raise ValueError(f"proportion must be in [0, 1], got {proportion!r}.")
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence!r}.")
   z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2.0)
   scale = 1.0 + z * z / trials
   centre = (proportion + z * z / (2.0 * trials)) / scale
   half_width = z / scale * math.sqrt(
       proportion * (1.0 - proportion) / trials + z * z / (4.0 * trials * trials))
-  return max(0.0, centre - half_width), min(1.0, centre + half_width)
+  # At p = 0 (or 1) the lower (or upper) end is exactly 0 (or 1), but the subtraction above
+  # leaves a rounding error of about 1e-17.
+  lower = 0.0 if proportion == 0.0 else max(0.0, centre - half_width)
+  upper = 1.0 if proportion == 1.0 else min(1.0, centre + half_width)
+  return lower, upper
 
 
 @dataclasses.dataclass(frozen=True)

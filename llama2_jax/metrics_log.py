@@ -16,9 +16,13 @@ the operating system when written, so a killed process keeps every record it log
 the last line is cut short; `read_metrics` skips a cut last line. Records reach the disk itself
 only at `close` (fsync). One writer at a time may append to the file.
 
-Resuming: a stage restarted from a checkpoint at step s opens its writer with `start_step=s`.
-The writer first drops that stage's records with step >= s, which were logged after the
-checkpoint and will be logged again, and TensorBoard hides them with `purge_step`.
+Resuming: a stage restarted from a checkpoint opens its writer with `start_step` set to the
+first step it will log again. The writer first drops that stage's records with step >=
+start_step, which were logged after the checkpoint, and TensorBoard hides them with
+`purge_step`. Which step that is depends on how records are numbered: if the record of step s
+is logged before the checkpoint at step s is saved (records numbered by the steps completed),
+pass s + 1, so that the record at s is kept. If records are numbered by the step about to run,
+pass s.
 """
 
 from __future__ import annotations
@@ -66,8 +70,9 @@ class MetricsWriter:
     Args:
       workdir: directory of `metrics.jsonl` and `tensorboard/`; created if missing.
       stage: stage name, e.g. "sft"; also the TensorBoard run name.
-      start_step: first step this writer will log. 0 for a stage started from scratch, which
-        drops every earlier record of the stage; the checkpoint's step when resuming.
+      start_step: first step this writer will log. Records of the stage with step >=
+        start_step are dropped. 0 for a stage started from scratch, which drops every earlier
+        record of the stage. When resuming, see the module docstring for s versus s + 1.
       is_writer: whether this process writes. None means `jax.process_index() == 0`.
     """
     if not stage or "/" in stage:
@@ -80,6 +85,7 @@ class MetricsWriter:
     self._start_step = start_step
     self._file = None
     self._summary_writer = None
+    self._closed = False
     if is_writer is None:
       is_writer = distributed.is_main_process()
     if not is_writer:
@@ -91,9 +97,13 @@ class MetricsWriter:
       logging.info("Dropped %d records of stage %r with step >= %d from %s before resuming.",
                    dropped, stage, start_step, self.path)
     self._file = open(self.path, "a", encoding="utf-8")
+    # tensorboardX 2.6 names an event file by the second and the host only and opens it with
+    # "wb", so a writer reopened within the same second would truncate the previous file. The
+    # nanosecond suffix keeps the files apart, and TensorBoard, which reads a run's files in name
+    # order, still reads them in the order they were written and applies the purge after them.
     self._summary_writer = tensorboardX.SummaryWriter(
         logdir=str(self.path.parent / TENSORBOARD_DIRNAME / stage),
-        purge_step=start_step if start_step > 0 else None)
+        purge_step=start_step, filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Logs scalar metrics at `step` and flushes both outputs.
@@ -104,8 +114,11 @@ class MetricsWriter:
       metrics: key -> scalar (Python or numpy number, or 0-d array).
 
     Raises:
-      ValueError: on a step before the last one or a value that is not a scalar number.
+      ValueError: on a step before the last one, a value that is not a scalar number, or a
+        closed writer.
     """
+    if self._closed:
+      raise ValueError(f"The metrics writer of stage {self.stage!r} is closed. Open a new one.")
     step = int(step)
     if step < self._last_step:
       raise ValueError(
@@ -126,6 +139,7 @@ class MetricsWriter:
 
   def close(self) -> None:
     """Syncs the JSONL file to disk and closes both outputs; later calls do nothing."""
+    self._closed = True
     if self._file is not None:
       os.fsync(self._file.fileno())
       self._file.close()
@@ -162,6 +176,7 @@ def read_metrics(path: str | os.PathLike, *, stage: str | None = None) -> list[M
   records, _ = _parse_file(path)
   return [record for _, record in records if stage is None or record.stage == stage]
 
+
 def metric_series(records: Sequence[MetricsRecord], *, stage: str, key: str
                   ) -> tuple[np.ndarray, np.ndarray]:
   """Returns (steps, values) of one metric of one stage, in logged order, as numpy arrays."""
@@ -174,7 +189,9 @@ def metric_series(records: Sequence[MetricsRecord], *, stage: str, key: str
 
 def _to_float(key: str, value: Any) -> float:
   array = np.asarray(value)
-  if array.ndim != 0 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+  is_real = np.issubdtype(array.dtype, np.number) and not np.issubdtype(
+      array.dtype, np.complexfloating)
+  if array.ndim != 0 or not (is_real or array.dtype == bool):
     raise ValueError(
         f"Metric {key!r} must be a scalar number, got {type(value).__name__} with shape "
         f"{array.shape} and dtype {array.dtype}.")

@@ -55,7 +55,8 @@ def training_section(records: Sequence[MetricsRecord], curve_keys: Mapping[str, 
                      plots: Mapping[str, str]) -> str:
   lines = ["## Training curves\n"]
   if not records:
-    lines.append("No metrics log was given, so the training curves are missing.\n")
+    lines.append("The metrics log was not given or has no records, so the training curves are "
+                 "missing.\n")
   for stage, keys in curve_keys.items():
     stage_records = [record for record in records if record.stage == stage]
     lines.append(f"### {escape_markdown(stage)}\n")

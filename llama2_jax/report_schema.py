@@ -4,7 +4,8 @@
 below and `Results.to_dict` writes that dict back. Every key is required: a value that was not
 measured is written as null (or an empty object or list where the schema allows it), so a
 forgotten field fails with its path instead of vanishing from the report. Numbers must be
-finite. Counts are non-negative integers, and rates are derived from them.
+finite. Counts are non-negative integers, and rates are derived from them, except the stored
+win rate, which must equal (wins + ties / 2) / (wins + ties + losses).
 
   {
     "reward_models": {                   # both "helpfulness" and "safety"
@@ -40,6 +41,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any, Callable, Mapping
+
+import numpy as np
 
 from llama2_jax.evaluation_refusal import RefusalCounts
 from llama2_jax.evaluation_reward import (
@@ -126,8 +129,7 @@ class Results:
       if missing:
         raise InvalidResultsError(f"Results.{group} is missing {missing}.")
     for name, result in self.win_rates.items():
-      _check_finite([result.win_rate, result.lower, result.upper, result.confidence],
-                    f"Results.win_rates[{name!r}]")
+      _check_win_rate(result, f"Results.win_rates[{name!r}]")
 
   @classmethod
   def from_dict(cls, raw: Mapping[str, Any]) -> Results:
@@ -137,6 +139,8 @@ class Results:
       InvalidResultsError: naming the path of the first missing, unknown or invalid field.
     """
     fields = _object(raw, "results", ("reward_models", "best_of_k", "policies", "win_rates"))
+    _require_names(fields["reward_models"], "results.reward_models", REWARD_MODEL_NAMES)
+    _require_names(fields["policies"], "results.policies", POLICY_NAMES)
     return cls(
         reward_models={
             name: _reward_accuracy(value, f"results.reward_models.{name}")
@@ -150,8 +154,12 @@ class Results:
             for name, value in _object(fields["win_rates"], "results.win_rates").items()})
 
   def to_dict(self) -> dict[str, Any]:
-    """Returns the JSON-ready dict that `from_dict` reads."""
-    return {
+    """Returns the JSON-ready dict that `from_dict` reads.
+
+    Numpy scalars, such as a float32 mean that a caller stored without converting it, become
+    Python numbers, which `json` can write.
+    """
+    return _to_python({
         "reward_models": {name: {"correct_by_rating": dict(result.correct_by_rating),
                                  "pairs_by_rating": dict(result.pairs_by_rating)}
                           for name, result in self.reward_models.items()},
@@ -161,7 +169,37 @@ class Results:
                       "prompts": self.best_of_k.prompts},
         "policies": {name: _policy_to_dict(policy) for name, policy in self.policies.items()},
         "win_rates": {name: dataclasses.asdict(result) for name, result in self.win_rates.items()},
-    }
+    })
+
+
+def _to_python(tree: Any) -> Any:
+  """Converts numpy scalars and 0-d arrays in nested dicts and lists to Python numbers."""
+  if isinstance(tree, Mapping):
+    return {key: _to_python(value) for key, value in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_to_python(value) for value in tree]
+  if isinstance(tree, (np.generic, np.ndarray)) and np.ndim(tree) == 0:
+    return tree.item()
+  return tree
+
+
+def _check_win_rate(result: WinRate, name: str) -> None:
+  """Checks that a win rate is finite, in [0, 1], and agrees with its counts."""
+  _check_finite([result.win_rate, result.lower, result.upper, result.confidence], name)
+  prompts = result.wins + result.ties + result.losses
+  if prompts < 1:
+    raise InvalidResultsError(f"{name} has no prompts: wins, ties and losses are all 0.")
+  if not 0.0 <= result.lower <= result.upper <= 1.0:
+    raise InvalidResultsError(
+        f"{name} needs 0 <= lower <= upper <= 1, got lower {result.lower} and upper "
+        f"{result.upper}.")
+  if not 0.0 < result.confidence < 1.0:
+    raise InvalidResultsError(f"{name}.confidence must be in (0, 1), got {result.confidence}.")
+  expected = (result.wins + result.ties / 2) / prompts
+  if not math.isclose(result.win_rate, expected, rel_tol=1e-9, abs_tol=1e-12):
+    raise InvalidResultsError(
+        f"{name}.win_rate is {result.win_rate}, but its counts give (wins + ties / 2) / prompts "
+        f"= ({result.wins} + {result.ties} / 2) / {prompts} = {expected}.")
 
 
 def _policy_to_dict(policy: PolicyResults) -> dict[str, Any]:
@@ -179,6 +217,14 @@ def _check_finite(values, name: str) -> None:
   if bad:
     raise InvalidResultsError(
         f"{name} must be finite, got {bad}. Pass None where a value was not measured.")
+
+
+def _require_names(raw: Any, path: str, names: tuple[str, ...]) -> None:
+  """Checks that the mapping `raw` has every key in `names`, and allows other keys."""
+  missing = [name for name in names if name not in _object(raw, path)]
+  if missing:
+    raise InvalidResultsError(
+        f"{path} is missing {', '.join(f'{path}.{name}' for name in missing)}.")
 
 
 def _object(raw: Any, path: str, keys: tuple[str, ...] | None = None) -> Mapping[str, Any]:
@@ -290,4 +336,6 @@ def _win_rate(raw: Any, path: str) -> WinRate:
   converters = {name: _count for name in ("wins", "ties", "losses")}
   converters.update({name: _number for name in ("win_rate", "lower", "upper", "confidence")})
   converters["interval"] = _interval_name
-  return _build(WinRate, raw, path, converters)
+  result = _build(WinRate, raw, path, converters)
+  _check_win_rate(result, path)
+  return result
