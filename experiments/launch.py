@@ -7,7 +7,7 @@ by field as `--config.sft.learning_rate=1e-4`) and `--workdir`.
 import os
 from typing import Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llama2_jax.pipeline.run import run_pipeline
@@ -27,6 +27,9 @@ def main(stages: Sequence[str] | None) -> None:
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+      # Progress bars and one summary line per stage; --verbosity=0 shows the info logs.
+      logging.set_verbosity(logging.WARNING)
     run_pipeline(_CONFIG.value, _WORKDIR.value, stages)
 
   app.run(run)

@@ -80,13 +80,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       keep_checkpoints=2,          # newest checkpoints kept per stage
   ))
 
-  c.pretrain = _train(steps=400, batch_size=16, max_length=256, learning_rate=3e-3,
+  c.pretrain = _train(steps=300, batch_size=8, max_length=256, learning_rate=3e-3,
                       warmup_steps=20, packing=True)
-  c.sft = _train(steps=150, batch_size=16, max_length=256, learning_rate=1e-3, warmup_steps=10,
+  c.sft = _train(steps=100, batch_size=8, max_length=256, learning_rate=1e-3, warmup_steps=10,
                  packing=True)
   c.reward = ml_collections.ConfigDict()
-  c.reward.train = _train(steps=120, batch_size=16, max_length=256, learning_rate=5e-4,
-                          warmup_steps=6)
+  c.reward.train = _train(steps=80, batch_size=8, max_length=256, learning_rate=5e-4,
+                          warmup_steps=5)
   c.reward.margin = "small"        # rating margin preset: "none", "small" or "large"
   c.reward.eval_pairs = 192        # held-out pairs for reward-model accuracy
   c.rejection_sampling = ml_collections.ConfigDict()
@@ -95,7 +95,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.rejection_sampling.prompt_batch_size = 32   # prompts per sampling call
   c.rejection_sampling.sampling = _sampling(temperature=1.0, top_p=1.0, max_prompt_length=96,
                                             max_new_tokens=64)
-  c.rejection_sampling.finetune = _train(steps=40, batch_size=16, max_length=160,
+  c.rejection_sampling.finetune = _train(steps=30, batch_size=8, max_length=160,
                                          learning_rate=3e-4, warmup_steps=4)
   c.ppo = ml_collections.ConfigDict(dict(
       iterations=16,               # rollouts; each is followed by `epochs` passes over it

@@ -127,7 +127,8 @@ def run_loop(settings: LoopSettings, *, create_state: Callable[[], Any], abstrac
     def save(state, force):
       checkpointer.save(state.with_data_state(get_data_state()), metadata=metadata, force=force)
 
-    with MetricsWriter(settings.workdir, stage=settings.stage, start_step=start) as writer:
+    # Records are numbered by completed steps: keep the checkpoint's own record (step `start`).
+    with MetricsWriter(settings.workdir, stage=settings.stage, start_step=start + 1) as writer:
       progress = tqdm.tqdm(range(start, settings.num_steps), desc=settings.stage,
                            initial=start, total=settings.num_steps,
                            disable=not distributed.is_main_process(), dynamic_ncols=True)
