@@ -1,4 +1,4 @@
-"""What every stage of the pipeline shares: settings, mesh, tokenizer, data and stage outputs.
+"""Resources shared by every stage of the pipeline: settings, mesh, tokenizer, data, outputs.
 
 Work directory layout:
 
@@ -86,21 +86,23 @@ class RunContext:
     return load(self._prepared[dataset], split)
 
   def batch_config(self, global_batch_size: int, max_length: int, *, seed_offset: int,
-                   packing: bool = False, shuffle: bool = True,
-                   num_epochs: int | None = None) -> BatchConfig:
+                   packing: bool = False, shuffle: bool = True, num_epochs: int | None = None,
+                   per_host: bool = True) -> BatchConfig:
     """Builds this host's `BatchConfig`: its share of the global batch and of each epoch.
 
     Examples longer than `max_length` are skipped and counted, not fatal: the shipped dialogues
-    vary in length and the tiny configs use short rows.
+    vary in length and the tiny configs use short rows. With `per_host` False every host reads
+    the whole global batch (for inputs passed to JAX as replicated numpy arrays).
     """
-    count = jax.process_count()
+    count = jax.process_count() if per_host else 1
     if global_batch_size % count:
       raise ValueError(f"A global batch of {global_batch_size} rows cannot be split over "
                        f"{count} processes; use a multiple of {count}.")
     return BatchConfig(batch_size=global_batch_size // count, max_length=max_length,
                        seed=self.settings.seed + seed_offset, shuffle=shuffle,
                        num_epochs=num_epochs, packing=packing, on_error="skip",
-                       shard_index=jax.process_index(), shard_count=count)
+                       shard_index=jax.process_index() if per_host else 0,
+                       shard_count=count)
 
   def loop_settings(self, stage: str, num_steps: int, loss_keys: tuple[str, ...],
                     checkpoint_every: int | None = None) -> LoopSettings:

@@ -1,10 +1,12 @@
 """Stage 6: evaluates the SFT, rejection-sampling and PPO policies and writes the report.
 
-Every number comes from this run: responses sampled on held-out RL prompts (the test split,
-never seen in training) are scored by both reward models; KL to the SFT policy is estimated from
-each policy's own samples; Self-BLEU is measured on several responses to the same prompts at each
-temperature; false refusals are counted on XSTest's safe prompts with greedy decoding; the
-best-of-K curve samples K responses per held-out prompt from the SFT policy.
+Every number comes from this run:
+  * both reward models score responses sampled on held-out RL prompts (the test split, never
+    seen in training);
+  * KL to the SFT policy is estimated from each policy's own samples;
+  * Self-BLEU is measured on several responses to the same prompts at each temperature;
+  * refusals are counted on XSTest's safe and unsafe prompts with greedy decoding;
+  * the best-of-K curve samples K responses per held-out prompt from the SFT policy.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class _PromptSet:
     return len(self.texts)
 
   def repeat(self, rows: int, times: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `rows` prompts, each repeated `times` times in a row."""
+    """Returns the first `rows` prompts, each repeated `times` times in a row."""
     return (np.repeat(self.tokens[:rows], times, axis=0),
             np.repeat(self.mask[:rows], times, axis=0))
 

@@ -67,7 +67,7 @@ class _TerminationFlag:
 
 @dataclasses.dataclass(frozen=True)
 class LoopSettings:
-  """What the loop of one stage needs besides the step function."""
+  """Settings of one stage's loop, besides the step function."""
 
   stage: str
   num_steps: int

@@ -149,7 +149,7 @@ def run_ppo(ctx: RunContext, scorer: PolicyScorer) -> str:
       step_fn=iteration, batches=batches, get_data_state=batches.get_state,
       set_data_state=batches.set_state, metadata={"config": ctx.resolved_config})
   ctx.finish_stage("ppo", state.ppo.policy.params, {"metrics": metrics})
-  shown = ", ".join(f"{key} {metrics[key]:.4g}" for key in ("ppo/score", "ppo/kl",
+  values = ", ".join(f"{key} {metrics[key]:.4g}" for key in ("ppo/score", "ppo/kl",
                                                             "ppo/clip_fraction")
                     if key in metrics)
-  return f"ppo: {shown or 'resumed at its last iteration'}"
+  return f"ppo: {values or 'resumed at its last iteration'}"

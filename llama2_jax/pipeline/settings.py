@@ -62,7 +62,7 @@ class RewardSettings:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-  """How a stage samples responses."""
+  """Sampling settings of one stage."""
 
   temperature: float
   top_p: float

@@ -115,7 +115,7 @@ def run_sft(ctx: RunContext, initial_params: Any) -> str:
 
 
 def reward_model_from_policy(ctx: RunContext, policy_params: Any) -> Any:
-  """Initialises a reward model from a policy: the same backbone and a new zero-mean score head.
+  """Initialises a reward model from a policy: the same backbone and a new score head.
 
   The language-model output projection is dropped; parameters the policy lacks (the score head
   and its bias) come from a fresh initialisation.
@@ -179,7 +179,7 @@ def _score_pairs(ctx: RunContext, scorer, params, dataset: str, split: str, max_
                  train: TrainSettings) -> dict[str, np.ndarray]:
   """Scores up to `max_pairs` pairs of a split in stored order; returns numpy arrays."""
   config = ctx.batch_config(train.batch_size, train.max_length, seed_offset=0, shuffle=False,
-                            num_epochs=1)
+                            num_epochs=1, per_host=False)
   iterator = BatchIterator(ctx.records(dataset, split),
                            RewardBatcher(ctx.tokenizer, config, ctx.settings.reward.margin),
                            config)
@@ -268,8 +268,9 @@ def _draw_best_of_k(ctx: RunContext, params: Any, scorer: PolicyScorer) -> dict[
   """Samples K responses for each of `num_prompts` RL prompts and scores them."""
   settings = ctx.settings.rejection_sampling
   sampling = settings.sampling
+  # Every host samples the same global prompt batch (replicated inputs).
   config = ctx.batch_config(settings.prompt_batch_size, sampling.max_prompt_length,
-                            seed_offset=6)
+                            seed_offset=6, per_host=False)
   iterator = BatchIterator(ctx.records("rl_prompts", "train"),
                            PromptBatcher(ctx.tokenizer, config), config)
   num_batches = math.ceil(settings.num_prompts / settings.prompt_batch_size)
@@ -304,5 +305,5 @@ def _draw_best_of_k(ctx: RunContext, params: Any, scorer: PolicyScorer) -> dict[
 
 
 def _summary(stage: str, metrics: Mapping[str, float], keys: Sequence[str]) -> str:
-  shown = ", ".join(f"{key} {metrics[key]:.4g}" for key in keys if key in metrics)
-  return f"{stage}: {shown or 'resumed at its last step'}"
+  values = ", ".join(f"{key} {metrics[key]:.4g}" for key in keys if key in metrics)
+  return f"{stage}: {values or 'resumed at its last step'}"
