@@ -227,6 +227,21 @@ def test_combination_finite_for_saturated_scores():
   assert rewards[0] == pytest.approx((30.0 - 0.5) / 2.0)
 
 
+def test_measured_statistics_whiten_training_scores():
+  # Training scores [0.5, 2, -1, 3.5] have mean 1.25 and population variance
+  # (0.75^2 + 0.75^2 + 2.25^2 + 2.25^2) / 4 = 2.8125, so std 1.6770510, and they whiten to
+  # [-0.75, 0.75, -2.25, 2.25] / 1.6770510. A safety score of 5 is above logit(0.15) = -1.73,
+  # so the helpfulness score is used everywhere.
+  scores = jnp.asarray([0.5, 2.0, -1.0, 3.5])
+  statistics = RewardStatistics.measure(scores)
+  rewards, metrics = combine(
+      helpfulness_scores_B=scores, safety_scores_B=jnp.full(4, 5.0),
+      is_safety_prompt_B=jnp.zeros(4), helpfulness_statistics=statistics,
+      safety_statistics=SAFETY_STATISTICS)
+  np.testing.assert_allclose(rewards, [-0.4472136, 0.4472136, -1.3416408, 1.3416408], rtol=1e-5)
+  assert metrics["ppo/safety_selected_sum"] == 0
+
+
 def test_combination_rejects_bad_threshold():
   with pytest.raises(ValueError, match="safety_threshold must be in \\(0, 1\\), got 1.5"):
     losses.combine_safety_and_helpfulness_rewards(

@@ -59,6 +59,47 @@ def test_presets_use_llama2_peaks():
   assert optim.ppo_optimizer_config().schedule == "constant"
 
 
+@pytest.mark.parametrize("make_config, peak", [
+    (optim.sft_optimizer_config, 2e-5),
+    (optim.reward_model_optimizer_config, 1e-5),
+])
+def test_presets_warm_up_then_decay_to_ten_percent(make_config, peak):
+  # 100 steps: a warm-up of max(5, ceil(0.03 * 100)) = 5 steps up to the peak, then cosine decay
+  # to 10% of the peak at step 100.
+  config = make_config(total_steps=100)
+  schedule = optim.learning_rate_schedule(config)
+  assert schedule(0) == 0.0
+  assert schedule(5) == pytest.approx(peak)
+  assert schedule(100) == pytest.approx(0.1 * peak)
+  assert (config.b1, config.b2, config.eps) == (0.9, 0.95, 1e-5)
+  assert (config.weight_decay, config.max_grad_norm) == (0.1, 1.0)
+
+
+def test_ppo_preset_keeps_adamw_defaults():
+  config = optim.ppo_optimizer_config()
+  assert config.warmup_steps == 0
+  assert (config.b1, config.b2, config.eps) == (0.9, 0.95, 1e-5)
+  assert (config.weight_decay, config.max_grad_norm) == (0.1, 1.0)
+
+
+def test_default_moments_reach_adam():
+  # Learning rate 1, no decay or clipping, and the default b1 0.9, b2 0.95 and eps 1e-5. The
+  # gradient is 1, then 0.
+  # Step 1: m = 0.1 and v = 0.05 are bias-corrected to 1 and 1, so the update is -1 / (1 + 1e-5).
+  # Step 2: m = 0.9 * 0.1 = 0.09, v = 0.95 * 0.05 = 0.0475, bias-corrected to
+  # 0.09 / (1 - 0.9^2) = 0.4736842 and 0.0475 / (1 - 0.95^2) = 0.4871795, so the update is
+  # -0.4736842 / (sqrt(0.4871795) + 1e-5) = -0.6786380.
+  config = optim.OptimizerConfig(learning_rate=1.0, schedule="constant", weight_decay=0.0,
+                                 max_grad_norm=None)
+  optimizer = optim.make_optimizer(config)
+  params = {"w": jnp.zeros(1)}
+  state = optimizer.init(params)
+  first, state = optimizer.update({"w": jnp.ones(1)}, state, params)
+  second, _ = optimizer.update({"w": jnp.zeros(1)}, state, params)
+  assert first["w"][0] == pytest.approx(-1.0 / (1.0 + 1e-5), rel=1e-6)
+  assert second["w"][0] == pytest.approx(-0.6786380, rel=1e-6)
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(learning_rate=-1.0), "learning_rate is -1.0, but it must be a finite number >= 0"),
     (dict(learning_rate=float("inf")), "learning_rate is inf"),

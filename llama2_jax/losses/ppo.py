@@ -228,9 +228,9 @@ def ppo_policy_loss(
     advantages_BxT: advantages, usually from `gae_advantages` and then `masked_whiten`.
     response_mask_BxT: nonzero on response tokens.
     clip_epsilon: eps, the clipping range of the ratio. Llama 2 uses 0.2.
-    normalizer: denominator of the average. None means the number of response tokens in this
-      call, or 1 when there are none. When accumulating over micro-batches, pass the count of
-      the whole minibatch.
+    normalizer: scalar denominator of the average. None means the number of response tokens in
+      this call, or 1 when there are none. When accumulating over micro-batches, pass the count
+      of the whole minibatch.
 
   Returns:
     (loss, metrics). Sums with their denominator `ppo/tokens`: `ppo/policy_loss_sum`,

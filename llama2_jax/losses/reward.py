@@ -92,9 +92,9 @@ def ranking_loss(
       which are left out when it is None.
     pair_mask_B: nonzero for real pairs. Padding pairs change no loss, metric or gradient.
       None means every pair is real.
-    normalizer: denominator of the average. None means the number of real pairs in this call, or
-      1 when there are none. When accumulating gradients over micro-batches, pass the pair count
-      of the whole batch.
+    normalizer: scalar denominator of the average. None means the number of real pairs in this
+      call, or 1 when there are none. When accumulating gradients over micro-batches, pass the
+      pair count of the whole batch.
 
   Returns:
     (loss, metrics). Sums with their denominators: `reward/loss_sum`, `reward/correct_sum` (pairs

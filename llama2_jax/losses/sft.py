@@ -45,7 +45,9 @@ def sft_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Computes the token-averaged cross-entropy of the targets, in float32.
 
-  loss = sum_{b,t} mask[b,t] * -log p(targets[b,t]) / normalizer.
+  loss = sum_{b,t} mask[b,t] * -log p(targets[b,t]) / normalizer, the answer-only
+  negative log-likelihood of Llama 2-Chat's supervised fine-tuning (Touvron et al., 2023,
+  section 3.1).
 
   The average is over every answer token of the batch, not per sequence, so a batch of one token
   with loss 4.0 and three with loss 1.0 scores 1.75 (the mean of sequence means would be 2.5).
@@ -57,8 +59,8 @@ def sft_loss(
     targets_BxT: integer token ids that the logits at the same position should predict.
     loss_mask_BxT: nonzero on answer tokens, zero on prompt tokens and padding. Values at masked
       positions never enter the loss, the metrics or the gradient.
-    normalizer: denominator of the average. None means the number of answer tokens in this call,
-      or 1 when there are none, so an all-masked batch gives loss 0.
+    normalizer: scalar denominator of the average. None means the number of answer tokens in
+      this call, or 1 when there are none, so an all-masked batch gives loss 0.
 
   Returns:
     (loss, metrics). The metrics hold sums with their denominators so that they add up exactly

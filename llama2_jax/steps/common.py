@@ -27,4 +27,4 @@ def reduce_microbatch_metrics(stacked: Mapping[str, jax.Array],
 
 def gradient_metrics(prefix: str, grads) -> dict[str, jax.Array]:
   """Returns the global gradient norm before clipping, under `<prefix>/grad_norm`."""
-  return {f"{prefix}/grad_norm": optax.global_norm(grads)}
+  return {f"{prefix}/grad_norm": optax.tree.norm(grads)}
