@@ -101,7 +101,7 @@ def benchmark_preset(preset: str, args, peak: float) -> None:
       return sample(model, state["params"], prompt, mask, jax.random.key(2), max_new_tokens=new,
                     temperature=1.0, eos_id=-1).tokens_BxT
 
-    seconds = _best_time(run_decode, args.repeats)
+    seconds = _best_time(run_decode, max(args.repeats, 5))
     rate = decode_batch * new / seconds
     # Average context over the decode, for the attention term.
     decode_flops = config.flops_per_token(args.prompt_len + new // 2)

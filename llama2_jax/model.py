@@ -39,14 +39,15 @@ class KVCache:
   """Keys and values of every layer for incremental decoding.
 
   Attributes:
-    k_NxBxSxKxDh: rotated keys of every layer, in `config.dtype`.
-    v_NxBxSxKxDh: values of every layer.
+    k_NxBxKxSxDh: rotated keys of every layer, in `config.dtype`. Slots come after the heads, so
+      attention reads each head's keys contiguously, without a transpose.
+    v_NxBxKxSxDh: values of every layer.
     key_mask_BxS: True where a slot contains a real (non-padding) token.
     index: next slot to write; the slots before it are filled in order.
   """
 
-  k_NxBxSxKxDh: jax.Array
-  v_NxBxSxKxDh: jax.Array
+  k_NxBxKxSxDh: jax.Array
+  v_NxBxKxSxDh: jax.Array
   key_mask_BxS: jax.Array
   index: jax.Array
 
@@ -57,10 +58,10 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int) -> KVCache:
   """Returns an empty cache with room for `max_length` tokens per row."""
-  shape = (config.n_layers, batch_size, max_length, config.kv_heads, config.head_dim)
+  shape = (config.n_layers, batch_size, config.kv_heads, max_length, config.head_dim)
   return KVCache(
-      k_NxBxSxKxDh=jnp.zeros(shape, config.jnp_dtype),
-      v_NxBxSxKxDh=jnp.zeros(shape, config.jnp_dtype),
+      k_NxBxKxSxDh=jnp.zeros(shape, config.jnp_dtype),
+      v_NxBxKxSxDh=jnp.zeros(shape, config.jnp_dtype),
       key_mask_BxS=jnp.zeros((batch_size, max_length), bool),
       index=jnp.zeros((), jnp.int32))
 
@@ -141,7 +142,15 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, cos_BxLxR, sin_BxLxR, allowed_BxLxS, kv_cache, cache_index):
+  def __call__(self, x_BxLxD, cos_BxLxR, sin_BxLxR, allowed_BxLxS, kv_cache, layer,
+               cache_index):
+    """Attends over this call's tokens, or over the cache after writing them into it.
+
+    `kv_cache` is None or the (keys, values) of every layer, [N, B, K, S, Dh] each; this layer
+    writes its slice `layer` at slot `cache_index` and returns the updated pair. Updating the
+    whole arrays, carried from layer to layer, lets XLA write in place instead of copying the
+    cache at every decoding step.
+    """
     config = self.config
     D, H, K, Dh = config.dim, config.n_heads, config.kv_heads, config.head_dim
     dtype = config.jnp_dtype
@@ -159,24 +168,27 @@ class Attention(nn.Module):
     q_BxLxHxDh = apply_rotary(q_BxLxHxDh, cos_BxLxR, sin_BxLxR)
     k_BxLxKxDh = apply_rotary(k_BxLxKxDh, cos_BxLxR, sin_BxLxR)
 
+    k_BxKxLxDh = k_BxLxKxDh.transpose(0, 2, 1, 3)
+    v_BxKxLxDh = v_BxLxKxDh.transpose(0, 2, 1, 3)
     if kv_cache is None:
-      k_BxSxKxDh, v_BxSxKxDh, new_kv = k_BxLxKxDh, v_BxLxKxDh, None
+      k_BxKxSxDh, v_BxKxSxDh, new_kv = k_BxKxLxDh, v_BxKxLxDh, None
     else:
-      cached_k, cached_v = kv_cache
-      start = (0, cache_index, 0, 0)
-      k_BxSxKxDh = jax.lax.dynamic_update_slice(cached_k, k_BxLxKxDh.astype(cached_k.dtype), start)
-      v_BxSxKxDh = jax.lax.dynamic_update_slice(cached_v, v_BxLxKxDh.astype(cached_v.dtype), start)
-      new_kv = (k_BxSxKxDh, v_BxSxKxDh)
+      start = (layer, 0, 0, cache_index, 0)
+      new_kv = tuple(
+          jax.lax.dynamic_update_slice(cached, new[None].astype(cached.dtype), start)
+          for cached, new in zip(kv_cache, (k_BxKxLxDh, v_BxKxLxDh)))
+      k_BxKxSxDh, v_BxKxSxDh = (jax.lax.dynamic_index_in_dim(cached, layer, keepdims=False)
+                                for cached in new_kv)
 
     # Query head h = k * G + g reads key/value head k = h // G, as Meta's `repeat_kv` does.
     B, L = x.shape[:2]
     q_BxLxKxGxDh = q_BxLxHxDh.reshape(B, L, K, H // K, Dh)
-    scores = jnp.einsum("BLKGd,BSKd->BKGLS", q_BxLxKxGxDh, k_BxSxKxDh.astype(dtype),
+    scores = jnp.einsum("BLKGd,BKSd->BKGLS", q_BxLxKxGxDh, k_BxKxSxDh.astype(dtype),
                         preferred_element_type=jnp.float32)
     scores = scores * (Dh ** -0.5)
     scores = jnp.where(allowed_BxLxS[:, None, None], scores, _MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out_BxLxKxGxDh = jnp.einsum("BKGLS,BSKd->BLKGd", probs, v_BxSxKxDh.astype(dtype))
+    out_BxLxKxGxDh = jnp.einsum("BKGLS,BKSd->BLKGd", probs, v_BxKxSxDh.astype(dtype))
     out_BxLxHxDh = out_BxLxKxGxDh.reshape(B, L, H, Dh)
     return jnp.einsum("BLHd,HdD->BLD", out_BxLxHxDh, wo_HxDhxD.astype(dtype)), new_kv
 
@@ -200,19 +212,24 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block; the `nn.scan` body, so it returns (carry, per-layer output)."""
+  """Pre-norm transformer block; the `nn.scan` body, so it returns (carry, per-layer output).
+
+  The carry is (hidden state, layer index, cache of every layer or None); there is no
+  per-layer output.
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, kv_cache, cos_BxLxR, sin_BxLxR, allowed_BxLxS, cache_index):
+  def __call__(self, carry, cos_BxLxR, sin_BxLxR, allowed_BxLxS, cache_index):
+    x_BxLxD, layer, kv_cache = carry
     attention_out, new_kv = Attention(self.config, name="attention")(
         RMSNorm(self.config, name="attention_norm")(x_BxLxD),
-        cos_BxLxR, sin_BxLxR, allowed_BxLxS, kv_cache, cache_index)
+        cos_BxLxR, sin_BxLxR, allowed_BxLxS, kv_cache, layer, cache_index)
     h_BxLxD = x_BxLxD + attention_out
     out_BxLxD = h_BxLxD + FeedForward(self.config, name="feed_forward")(
         RMSNorm(self.config, name="ffn_norm")(h_BxLxD))
-    return out_BxLxD, new_kv
+    return (out_BxLxD, layer + 1, new_kv), None
 
 
 def _scanned_blocks(config: ModelConfig):
@@ -226,7 +243,7 @@ def _scanned_blocks(config: ModelConfig):
       block,
       variable_axes={"params": 0},
       split_rngs={"params": True},
-      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
       length=config.n_layers,
       unroll=config.scan_unroll,
       metadata_params={nn.PARTITION_NAME: "layers"})
@@ -291,7 +308,7 @@ class Llama(nn.Module):
       key_mask_BxS = jax.lax.dynamic_update_slice(cache.key_mask_BxS, mask_BxL, (0, cache.index))
       query_slots_L = cache.index + jnp.arange(L)
       key_slots_S = jnp.arange(cache.max_length)
-      kv, cache_index = (cache.k_NxBxSxKxDh, cache.v_NxBxSxKxDh), cache.index
+      kv, cache_index = (cache.k_NxBxKxSxDh, cache.v_NxBxKxSxDh), cache.index
 
     allowed_BxLxS = (key_slots_S[None, None, :] <= query_slots_L[None, :, None]) & \
         key_mask_BxS[:, None, :]
@@ -302,14 +319,15 @@ class Llama(nn.Module):
     embedding_VxD = _param(self, "tok_embeddings", (config.vocab_size, config.dim),
                            ("vocab", "embed"), nn.initializers.normal(stddev=1.0))
     x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(config.jnp_dtype)
-    x_BxLxD, new_kv = _scanned_blocks(config)(config, name="layers")(
-        x_BxLxD, kv, cos_BxLxR, sin_BxLxR, allowed_BxLxS, cache_index)
+    (x_BxLxD, _, new_kv), _ = _scanned_blocks(config)(config, name="layers")(
+        (x_BxLxD, jnp.zeros((), jnp.int32), kv), cos_BxLxR, sin_BxLxR, allowed_BxLxS,
+        cache_index)
     h_BxLxD = RMSNorm(config, name="norm")(x_BxLxD)
 
     output = self._apply_head(h_BxLxD, mask_BxL, last_position_only)
     if cache is None:
       return output
-    new_cache = KVCache(k_NxBxSxKxDh=new_kv[0], v_NxBxSxKxDh=new_kv[1],
+    new_cache = KVCache(k_NxBxKxSxDh=new_kv[0], v_NxBxKxSxDh=new_kv[1],
                         key_mask_BxS=key_mask_BxS, index=cache.index + L)
     return output, new_cache
 

@@ -184,7 +184,8 @@ def test_grouped_query_heads_read_their_kv_head():
                        "wv": jnp.asarray(wv), "wo": jnp.asarray(wo)}}
   cos, sin = jnp.ones((1, 1, Dh // 2)), jnp.zeros((1, 1, Dh // 2))
 
-  out, _ = Attention(config).apply(params, x, cos, sin, jnp.ones((1, 1, 1), bool), None, None)
+  out, _ = Attention(config).apply(params, x, cos, sin, jnp.ones((1, 1, 1), bool), None, None,
+                                   None)
 
   per_head = np.asarray(out).reshape(H, Dh)[:, 0]
   np.testing.assert_allclose(per_head, [10.0, 10.0, 20.0, 20.0], rtol=1e-6)
