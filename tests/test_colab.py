@@ -1,7 +1,6 @@
 """Executes colab/quickstart.ipynb top to bottom, as a user running every cell would."""
 
 import json
-import os
 import pathlib
 
 import matplotlib

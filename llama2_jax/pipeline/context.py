@@ -32,7 +32,7 @@ from llama2_jax.data import BatchConfig, DatasetConfig, load, prepare
 from llama2_jax.data.builders import RecordSource
 from llama2_jax.model import Llama, param_axes
 from llama2_jax.pipeline.loop import LoopSettings
-from llama2_jax.pipeline.settings import PipelineSettings, TrainSettings
+from llama2_jax.pipeline.settings import PipelineSettings
 from llama2_jax.tokenizer import Tokenizer
 from llama2_jax.train_state import TrainState, state_shardings
 

@@ -9,7 +9,7 @@ parameter names, so the value head starts from the reward head.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax
 import jax

@@ -23,7 +23,6 @@ import pathlib
 import time
 from typing import Any, Sequence
 
-from absl import logging
 import jax
 
 from llama2_jax import checkpoint_io, distributed

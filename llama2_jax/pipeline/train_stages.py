@@ -7,13 +7,11 @@ Each stage function reads the previous stages' outputs from the work directory, 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from llama2_jax import sharding
@@ -64,16 +62,19 @@ def _select(keys: Sequence[str]) -> Callable[[dict], dict]:
   return lambda batch: {key: batch[key] for key in keys}
 
 
-def train_language_model(ctx: RunContext, stage: str, train: TrainSettings, *, params: Any,
-                         batches: DeviceBatches, loss_keys=("sft/loss",)) -> tuple[Any, dict]:
-  """Trains the policy with `sft_step` for `train.steps` steps; returns (params, last metrics)."""
-  model = ctx.policy_model
+def train_stage(ctx: RunContext, stage: str, train: TrainSettings, *, model: Llama, params: Any,
+                batches: DeviceBatches, step_fn, loss_keys: tuple[str, ...]) -> tuple[Any, dict]:
+  """Trains `model` with `step_fn` (`sft_step` or `reward_step`) for `train.steps` steps.
+
+  Returns:
+    (final parameters, metrics of the last logged step).
+  """
   create, abstract_state, state_shardings = make_train_state(
       ctx, model, params, cosine_optimizer(train), batches.get_state())
 
   def step(state, batch):
-    return sft_step(state, batch, state.step_rng(), model=model,
-                    num_microbatches=train.num_microbatches)
+    return step_fn(state, batch, state.step_rng(), model=model,
+                   num_microbatches=train.num_microbatches)
 
   jitted = sharding.jit_sharded_step(step, mesh=ctx.mesh, state_shardings=state_shardings,
                                      batch_shardings=batches.peek_shardings())
@@ -83,6 +84,13 @@ def train_language_model(ctx: RunContext, stage: str, train: TrainSettings, *, p
       get_data_state=batches.get_state, set_data_state=batches.set_state,
       metadata={"config": ctx.resolved_config})
   return state.params, metrics
+
+
+def train_language_model(ctx: RunContext, stage: str, train: TrainSettings, *, params: Any,
+                         batches: DeviceBatches) -> tuple[Any, dict]:
+  """Trains the policy with `sft_step`; returns (params, last metrics)."""
+  return train_stage(ctx, stage, train, model=ctx.policy_model, params=params, batches=batches,
+                     step_fn=sft_step, loss_keys=("sft/loss",))
 
 
 def dialogue_batches(ctx: RunContext, train: TrainSettings, *, seed_offset: int,
@@ -140,33 +148,21 @@ def run_reward_model(ctx: RunContext, stage: str, sft_params: Any) -> str:
   iterator = BatchIterator(ctx.records(dataset, "train"),
                            RewardBatcher(ctx.tokenizer, config, settings.margin), config)
   batches = DeviceBatches(iterator, ctx.mesh, train.batch_size, _select(REWARD_KEYS))
-  params = reward_model_from_policy(ctx, sft_params)
-  create, abstract_state, state_shardings = make_train_state(
-      ctx, model, params, cosine_optimizer(train), batches.get_state())
-
-  def step(state, batch):
-    return reward_step(state, batch, state.step_rng(), model=model,
-                       num_microbatches=train.num_microbatches)
-
-  jitted = sharding.jit_sharded_step(step, mesh=ctx.mesh, state_shardings=state_shardings,
-                                     batch_shardings=batches.peek_shardings())
-  state, metrics = run_loop(
-      ctx.loop_settings(stage, train.steps, ("reward/loss",)), create_state=create,
-      abstract_state=abstract_state, step_fn=jitted, batches=batches,
-      get_data_state=batches.get_state, set_data_state=batches.set_state,
-      metadata={"config": ctx.resolved_config})
+  params, metrics = train_stage(
+      ctx, stage, train, model=model, params=reward_model_from_policy(ctx, sft_params),
+      batches=batches, step_fn=reward_step, loss_keys=("reward/loss",))
 
   scorer = jax.jit(model.apply)
-  train_scores = _score_pairs(ctx, scorer, state.params, dataset, "train", settings.eval_pairs,
+  train_scores = _score_pairs(ctx, scorer, params, dataset, "train", settings.eval_pairs,
                               train)
   statistics = RewardStatistics.measure(
       np.concatenate([train_scores["chosen"], train_scores["rejected"]]))
-  test_scores = _score_pairs(ctx, scorer, state.params, dataset, "test", settings.eval_pairs,
+  test_scores = _score_pairs(ctx, scorer, params, dataset, "test", settings.eval_pairs,
                              train)
   accuracy = reward_model_accuracy(chosen_scores_B=test_scores["chosen"],
                                    rejected_scores_B=test_scores["rejected"],
                                    ratings_B=test_scores["rating"])
-  ctx.finish_stage(stage, state.params, {
+  ctx.finish_stage(stage, params, {
       "metrics": metrics,
       "statistics": {"mean": statistics.mean, "std": statistics.std},
       "accuracy": {"correct_by_rating": dict(accuracy.correct_by_rating),
