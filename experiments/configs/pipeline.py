@@ -1,6 +1,6 @@
 """The Llama 2-Chat pipeline: pretrain (or import), SFT, two reward models, rejection sampling, PPO.
 
-Launch the CPU default (about 20 minutes on 2 cores) and its smoke-test variant:
+Launch the CPU default (about 13 minutes on 2 idle cores) and its smoke-test variant (about 1):
 
   python -m experiments.run_pipeline --config=experiments/configs/pipeline.py --workdir=/tmp/l2j
   python -m experiments.run_pipeline --config=experiments/configs/pipeline.py:quick \

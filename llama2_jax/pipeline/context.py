@@ -127,6 +127,8 @@ class RunContext:
 
   def finish_stage(self, stage: str, params: Any, results: Mapping[str, Any]) -> None:
     """Saves the stage's final parameters, then marks it done with `results` (JSON data)."""
+    # NOTE: device_get gathers the parameters on one host, which works only while every array is
+    # addressable by this process (one host). Multi-host runs need a sharded save here.
     if params is not None:
       host_params = jax.device_get(params)
       if distributed.is_main_process():
