@@ -29,7 +29,7 @@ def data_dir(tmp_path_factory):
 
 def quick_config(data_dir: str) -> ml_collections.ConfigDict:
   config = pipeline_config.get_config("quick")
-  config.data_dir = data_dir
+  config.data.data_dir = data_dir
   return config
 
 
@@ -182,6 +182,26 @@ def test_every_variant_builds_and_validates(variant):
   config = pipeline_config.get_config(variant)
   settings = settings_from_config(config, vocab_size=32000)
   assert settings.sft.steps > 0 and settings.model.vocab_size == 32000
+
+
+def test_data_and_optimizer_sections_reach_the_settings():
+  config = pipeline_config.get_config("tiny")
+  config.data.rl_prompts = "jsonl:/data/mine.jsonl:safety,red_team:/data/red.jsonl.gz"
+  config.optim.b2 = 0.99
+  settings = settings_from_config(config, vocab_size=4096)
+  first, second = settings.data_sources["rl_prompts"]
+  assert (first.format, first.path, first.is_safety) == ("jsonl", "/data/mine.jsonl", True)
+  assert (second.format, second.path, second.is_safety) == ("red_team", "/data/red.jsonl.gz",
+                                                            False)
+  assert "sft_dialogues" not in settings.data_sources
+  assert settings.optim.b2 == 0.99 and settings.optim.weight_decay == 0.1
+
+
+def test_malformed_data_source_names_the_field():
+  config = pipeline_config.get_config("tiny")
+  config.data.sft_dialogues = "my_dialogues.jsonl"
+  with pytest.raises(ValueError, match=r"config.data.sft_dialogues entry 'my_dialogues.jsonl'"):
+    settings_from_config(config, vocab_size=4096)
 
 
 def test_configs_are_locked_and_name_valid_keys():

@@ -52,8 +52,25 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.seed = 0                       # seeds initialisation, data order and sampling
   c.init_from = ""                 # Meta or Hugging Face checkpoint dir; empty: pretrain first
   c.init_format = ""               # "meta", "hf" or "orbax"; empty: detect from the files
-  c.tokenizer = ""                 # sentencepiece model; empty: the shipped 4,096-piece model
-  c.data_dir = ""                  # where tfds writes prepared data; empty: <workdir>/data
+  c.data = ml_collections.ConfigDict(dict(
+      tokenizer="",                # sentencepiece model; empty: the shipped 4,096-piece model
+      data_dir="",                 # where tfds writes prepared data; empty: <workdir>/data
+      # Your own files per dataset, replacing the shipped subset: "format:path" entries separated
+      # by commas, with ":safety" at the end to mark a prompt file as safety prompts. Formats are
+      # in docs/data.md, e.g. "jsonl:/data/my_dialogues.jsonl,oasst1:/data/oasst.jsonl.gz".
+      sft_dialogues="",
+      helpfulness_pairs="",
+      safety_pairs="",
+      rl_prompts="",
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      b1=0.9,                      # AdamW first-moment decay (Llama 2: 0.9)
+      b2=0.95,                     # AdamW second-moment decay (Llama 2: 0.95)
+      eps=1e-5,                    # AdamW epsilon (Llama 2: 1e-5)
+      weight_decay=0.1,            # decoupled weight decay (Llama 2: 0.1)
+      max_grad_norm=1.0,           # global-norm gradient clipping (Llama 2: 1.0)
+      final_learning_rate_fraction=0.1,  # cosine decay ends at this fraction of the peak
+  ))
 
   c.model = ml_collections.ConfigDict(dict(
       preset="tiny",               # a key of llama2_jax.config.PRESETS

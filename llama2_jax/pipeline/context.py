@@ -80,7 +80,8 @@ class RunContext:
   def records(self, dataset: str, split: str) -> RecordSource:
     """Returns the records of a split, preparing the tfds dataset on first use."""
     if dataset not in self._prepared:
-      config = DatasetConfig(name=dataset, data_dir=self.data_dir, split_seed=self.settings.seed)
+      config = DatasetConfig(name=dataset, data_dir=self.data_dir, split_seed=self.settings.seed,
+                             sources=self.settings.data_sources.get(dataset, ()))
       prepare(config)
       self._prepared[dataset] = config
     return load(self._prepared[dataset], split)

@@ -9,6 +9,7 @@ parameter names, so the value head starts from the reward head.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import flax
@@ -60,8 +61,11 @@ def run_ppo(ctx: RunContext, scorer: PolicyScorer) -> str:
   policy_model, value_model = ctx.policy_model, ctx.value_model
   policy_params = ctx.final_params("rejection_sampling", policy_model)
   value_params = ctx.final_params("reward_helpfulness", value_model)
-  policy_tx = make_optimizer(ppo_optimizer_config(learning_rate=settings.learning_rate))
-  value_tx = make_optimizer(ppo_optimizer_config(learning_rate=settings.value_learning_rate))
+  optim = dataclasses.asdict(ctx.settings.optim)
+  optim.pop("final_learning_rate_fraction")  # The PPO learning rates are constant.
+  policy_tx = make_optimizer(ppo_optimizer_config(learning_rate=settings.learning_rate, **optim))
+  value_tx = make_optimizer(ppo_optimizer_config(learning_rate=settings.value_learning_rate,
+                                                 **optim))
 
   sampling = settings.sampling
   config = ctx.batch_config(settings.rollout_size, sampling.max_prompt_length, seed_offset=8)

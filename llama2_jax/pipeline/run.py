@@ -69,7 +69,7 @@ def _initial_model(config, settings: PipelineSettings,
     raise ValueError(
         f"The checkpoint {settings.init_from} has a vocabulary of {model_config.vocab_size} "
         f"tokens, but the tokenizer {tokenizer.path} has {tokenizer.vocab_size}. Set "
-        "--config.tokenizer to the checkpoint's tokenizer.model.")
+        "--config.data.tokenizer to the checkpoint's tokenizer.model.")
   model_section = config.model
   model_config = model_config.replace(
       dtype=model_section.dtype, param_dtype=model_section.param_dtype,
@@ -98,7 +98,7 @@ def run_pipeline(config, workdir: str | pathlib.Path,
       coordinator_address=config.distributed.coordinator_address or None,
       num_processes=config.distributed.num_processes or None,
       process_id=None if config.distributed.process_id < 0 else config.distributed.process_id))
-  tokenizer = Tokenizer(config.tokenizer or None)
+  tokenizer = Tokenizer(config.data.tokenizer or None)
   settings = settings_from_config(config, tokenizer.vocab_size)
   settings, imported_params = _initial_model(config, settings, tokenizer)
   mesh = make_mesh(MeshConfig(**settings.mesh))

@@ -11,6 +11,9 @@ import dataclasses
 from typing import Any, Mapping
 
 from llama2_jax.config import ModelConfig, get_model_config
+from llama2_jax.data.sources import SourceFile
+
+USER_DATASETS = ("sft_dialogues", "helpfulness_pairs", "safety_pairs", "rl_prompts")
 
 
 def _require(section: str, name: str, valid: bool, value: Any, rule: str) -> None:
@@ -142,6 +145,44 @@ class EvalSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+  """AdamW settings shared by every stage; learning rates and schedules are per stage."""
+
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  max_grad_norm: float
+  final_learning_rate_fraction: float
+
+  def __post_init__(self):
+    for name in ("b1", "b2"):
+      _require("optim", name, 0 <= getattr(self, name) < 1, getattr(self, name), "in [0, 1)")
+    for name in ("eps", "max_grad_norm"):
+      _require("optim", name, getattr(self, name) > 0, getattr(self, name), "> 0")
+    _require("optim", "weight_decay", self.weight_decay >= 0, self.weight_decay, ">= 0")
+    _require("optim", "final_learning_rate_fraction",
+             0 <= self.final_learning_rate_fraction <= 1, self.final_learning_rate_fraction,
+             "in [0, 1]")
+
+
+def parse_sources(dataset: str, text: str) -> tuple[SourceFile, ...]:
+  """Parses "format:path[:safety]" entries separated by commas into `SourceFile`s."""
+  sources = []
+  for entry in filter(None, (part.strip() for part in text.split(","))):
+    fields = entry.split(":")
+    is_safety = len(fields) > 2 and fields[-1] == "safety"
+    if is_safety:
+      fields = fields[:-1]
+    if len(fields) < 2 or not fields[0] or not fields[1]:
+      raise ValueError(
+          f"config.data.{dataset} entry {entry!r} is invalid; write \"format:path\" (for "
+          "example \"jsonl:/data/mine.jsonl\"), with \":safety\" at the end for safety prompts.")
+    sources.append(SourceFile(format=fields[0], path=":".join(fields[1:]), is_safety=is_safety))
+  return tuple(sources)
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineSettings:
   """The whole run."""
 
@@ -151,6 +192,8 @@ class PipelineSettings:
   init_format: str
   tokenizer: str
   data_dir: str
+  data_sources: Mapping[str, tuple[SourceFile, ...]]
+  optim: OptimizerSettings
   mesh: Mapping[str, int]
   distributed: Mapping[str, Any]
   checkpoint_every: int
@@ -208,7 +251,10 @@ def settings_from_config(config, vocab_size: int) -> PipelineSettings:
   evaluation = config.eval
   return PipelineSettings(
       seed=config.seed, model=model, init_from=config.init_from, init_format=config.init_format,
-      tokenizer=config.tokenizer, data_dir=config.data_dir, mesh=dict(config.mesh),
+      tokenizer=config.data.tokenizer, data_dir=config.data.data_dir,
+      data_sources={name: parse_sources(name, config.data[name]) for name in USER_DATASETS
+                    if config.data[name]},
+      optim=_section(config, "optim", OptimizerSettings), mesh=dict(config.mesh),
       distributed=dict(config.distributed), checkpoint_every=config.log.checkpoint_every,
       keep_checkpoints=config.log.keep_checkpoints, log_every=config.log.log_every,
       pretrain=None if config.init_from else _train(config, "pretrain"),

@@ -7,6 +7,7 @@ Each stage function reads the previous stages' outputs from the work directory, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,7 +29,7 @@ from llama2_jax.pipeline.context import (
     DeviceBatches, RunContext, make_train_state, save_arrays_atomically)
 from llama2_jax.pipeline.loop import run_loop
 from llama2_jax.pipeline.policy import PolicyScorer, sample_responses
-from llama2_jax.pipeline.settings import TrainSettings
+from llama2_jax.pipeline.settings import OptimizerSettings, TrainSettings
 from llama2_jax.steps.reward import reward_step
 from llama2_jax.steps.sft import sft_step
 
@@ -38,11 +39,12 @@ REWARD_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask
 REWARD_STAGES = {"reward_helpfulness": "helpfulness_pairs", "reward_safety": "safety_pairs"}
 
 
-def cosine_optimizer(train: TrainSettings):
-  """AdamW with Llama 2's defaults and a cosine schedule over the stage's steps."""
+def cosine_optimizer(train: TrainSettings, optim: OptimizerSettings):
+  """AdamW with a linear warm-up and a cosine decay over the stage's steps."""
   return make_optimizer(OptimizerConfig(
       learning_rate=train.learning_rate, schedule="cosine", total_steps=train.steps,
-      warmup_steps=train.warmup_steps, num_microbatches=train.num_microbatches))
+      warmup_steps=train.warmup_steps, num_microbatches=train.num_microbatches,
+      **dataclasses.asdict(optim)))
 
 
 def language_model_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -70,7 +72,7 @@ def train_stage(ctx: RunContext, stage: str, train: TrainSettings, *, model: Lla
     (final parameters, metrics of the last logged step).
   """
   create, abstract_state, state_shardings = make_train_state(
-      ctx, model, params, cosine_optimizer(train), batches.get_state())
+      ctx, model, params, cosine_optimizer(train, ctx.settings.optim), batches.get_state())
 
   def step(state, batch):
     return step_fn(state, batch, state.step_rng(), model=model,
