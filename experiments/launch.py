@@ -10,6 +10,7 @@ from typing import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llama2_jax.pipeline.loop import Preempted
 from llama2_jax.pipeline.run import run_pipeline
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "pipeline.py")
@@ -28,8 +29,13 @@ def main(stages: Sequence[str] | None) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
-      # Progress bars and one summary line per stage; --verbosity=0 shows the info logs.
-      logging.set_verbosity(logging.WARNING)
-    run_pipeline(_CONFIG.value, _WORKDIR.value, stages)
+      # Progress bars and one summary line per stage; --verbosity=0 shows the info logs and
+      # --verbosity=-1 the warnings (such as each skipped over-long record).
+      logging.set_verbosity(logging.ERROR)
+    try:
+      run_pipeline(_CONFIG.value, _WORKDIR.value, stages)
+    except Preempted as preempted:
+      print(preempted, flush=True)
+      raise
 
   app.run(run)

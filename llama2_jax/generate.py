@@ -157,9 +157,14 @@ def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   flags.FLAGS(sys.argv[:1])  # absl logging warns until its flags are parsed; none are used.
   logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)
   try:
     config, params = checkpoint_io.load_checkpoint(args.checkpoint, args.format, args.dtype)
+    if "output" not in params["params"]:
+      raise ValueError(
+          f"{args.checkpoint} has no language-model head (params['output']), so it cannot "
+          f"generate text; its parameters are {sorted(params['params'])}. A reward or value "
+          "model scores text; pass a policy checkpoint instead.")
     tokenizer = tokenizer_lib.Tokenizer(args.tokenizer or find_tokenizer(args.checkpoint))
     logging.info("Loaded %s with %s.", config, tokenizer)
     texts = generate(config, params, tokenizer, args.prompt, use_chat=args.chat,

@@ -35,6 +35,11 @@ from llama2_jax.report_schema import Results
 
 PLOTS_DIRNAME = "plots"
 MAX_CURVES_PER_STAGE = 9
+# The metrics a reader looks for first in each stage's curves.
+PRIORITY_KEYS = ("sft/loss", "sft/accuracy", "reward/loss", "reward/accuracy",
+                 "reward/chosen_mean", "reward/rejected_mean", "ppo/score", "ppo/kl",
+                 "ppo/value_loss", "ppo/policy_loss", "ppo/helpfulness_reward",
+                 "ppo/safety_reward", "ppo/clip_fraction", "ppo/approx_kl", "ppo/entropy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,16 +99,19 @@ def write_report(results: Results, output_dir: str | os.PathLike, *,
 
 def select_curve_keys(records: Sequence[MetricsRecord], stage: str,
                       max_keys: int = MAX_CURVES_PER_STAGE) -> list[str]:
-  """Picks the metric keys of `stage` to plot: means before sums and denominators.
+  """Picks the metric keys of `stage` to plot: the objectives first, then other means.
 
-  Keys whose last path part ends in "_sum", or that contain "_sum/" or "/pairs", are sums and
-  denominators kept for exact averaging; they are plotted only if fewer than `max_keys` other
-  keys exist. Keys are taken in first-logged order.
+  Keys of `PRIORITY_KEYS` come first, in that order. Keys whose last path part ends in "_sum",
+  or that contain "_sum/" or "/pairs", are sums and denominators kept for exact averaging; they
+  are plotted only when a stage logs nothing else. Other keys follow in first-logged order.
   """
   keys = list(dict.fromkeys(
       key for record in records if record.stage == stage for key in record.metrics))
   is_sum = lambda key: key.endswith("_sum") or "_sum/" in key or "/pairs" in key
-  ordered = [key for key in keys if not is_sum(key)] + [key for key in keys if is_sum(key)]
+  means = [key for key in keys if not is_sum(key)]
+  ordered = ([key for key in PRIORITY_KEYS if key in means]
+             + [key for key in means if key not in PRIORITY_KEYS])
+  ordered = ordered or keys
   if len(ordered) > max_keys:
     logging.info("Stage %r: plotting %d of %d metrics, leaving out %s.", stage, max_keys,
                  len(ordered), ordered[max_keys:])

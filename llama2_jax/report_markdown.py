@@ -94,8 +94,9 @@ def best_of_k_section(results: Results, plots: Mapping[str, str]) -> str:
           for k, high, median in zip(curve.k, curve.max_reward, curve.median_reward)]
   return "\n".join([
       "## Best-of-K\n",
-      f"Maximum and median reward among the first K samples of each of {curve.prompts} "
-      "prompts, averaged over prompts.\n",
+      f"Maximum and median combined reward among the first K samples of each of "
+      f"{curve.prompts} held-out prompts, averaged over prompts. The samples come from the SFT "
+      "policy, as in a rejection-sampling round.\n",
       f"![Best-of-K reward]({plots['best_of_k']})\n",
       _table(["K", "max reward", "median reward"], rows)])
 
@@ -117,14 +118,19 @@ def policy_section(results: Results, plots: Mapping[str, str]) -> str:
             "safety-violation proxy"]
   return "\n".join([
       "## Policies\n",
-      "Means over held-out prompts. The combined reward is the whitened reward that PPO "
-      "optimises; helpfulness and safety are the raw reward-model scores. KL is the mean "
-      "KL(policy || reference) per response, in nats.\n",
+      "Means over held-out prompts. The combined reward is the reward that PPO optimises: "
+      "each reward model's score whitened with the mean and standard deviation it had on its "
+      "own training pairs, so it is not centred on the policies' responses. Helpfulness and "
+      "safety are the raw reward-model scores.\n",
+      "KL to reference estimates KL(policy || SFT policy) per response, in nats: the mean over "
+      "the policy's own samples of the summed log-probability ratio. It is a sample estimate, "
+      "so it can be slightly negative when the true value is near 0.\n",
       "The false-refusal rate is the fraction of XSTest's safe prompts whose response a "
       "string-matching heuristic classifies as a refusal, and the unsafe refusal rate is the "
-      "same fraction on its unsafe prompts. The safety-violation proxy is the fraction of "
-      "responses whose safety reward-model probability is below the threshold, a stand-in for "
-      "human safety ratings.\n",
+      "same fraction on its unsafe prompts; both come from greedy decoding. The "
+      "safety-violation proxy is the fraction of responses to the held-out safety prompts "
+      "whose safety reward-model probability is below the threshold, a stand-in for human "
+      "safety ratings.\n",
       f"![Rewards per policy]({plots['policy_rewards']})\n",
       _table(header, rows)])
 

@@ -475,3 +475,16 @@ def test_generate_cli_samples_text(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert "=== Name a fox.\n" in printed
   assert "=== Hello\n" in printed
+
+
+def test_generate_cli_rejects_reward_checkpoint(tmp_path):
+  config = get_model_config("test_gqa", vocab_size=320)
+  params = _random_params(config)
+  tree = dict(params["params"])
+  del tree["output"]
+  tree["score_head"] = np.zeros((config.dim,), np.float32)
+  tree["score_bias"] = np.zeros((), np.float32)
+  checkpoint_io.save_orbax({"params": tree}, config, tmp_path / "reward")
+
+  with pytest.raises(SystemExit, match=r"has no language-model head \(params\['output'\]\)"):
+    generate.main(["--checkpoint", str(tmp_path / "reward"), "--prompt", "Hello"])

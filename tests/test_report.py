@@ -309,16 +309,21 @@ def test_write_report_overwrites_previous_report(tmp_path):
   assert oct(files.json.stat().st_mode & 0o777) == oct(0o644)
 
 
-def test_select_curve_keys_puts_sums_last(tmp_path):
+def test_select_curve_keys_leaves_out_sums(tmp_path):
   with MetricsWriter(tmp_path, stage="reward", is_writer=True) as writer:
-    writer.write(1, {"reward/correct_sum": 3.0, "reward/loss": 0.7, "reward/pairs": 4.0,
-                     "reward/accuracy": 0.75, "reward/correct_sum/better": 1.0})
+    writer.write(1, {"reward/correct_sum": 3.0, "reward/grad_norm": 1.5, "reward/pairs": 4.0,
+                     "reward/accuracy": 0.75, "reward/correct_sum/better": 1.0,
+                     "reward/loss": 0.7})
+  with MetricsWriter(tmp_path, stage="counts", is_writer=True) as writer:
+    writer.write(1, {"counts/pairs": 4.0, "counts/correct_sum": 3.0})
   records = read_metrics(tmp_path)
+  # Objectives first in PRIORITY_KEYS order, then other means in logged order, no sums.
   assert report.select_curve_keys(records, "reward") == [
-      "reward/loss", "reward/accuracy", "reward/correct_sum", "reward/pairs",
-      "reward/correct_sum/better"]
+      "reward/loss", "reward/accuracy", "reward/grad_norm"]
   assert report.select_curve_keys(records, "reward", max_keys=2) == [
       "reward/loss", "reward/accuracy"]
+  # A stage that logs only sums still gets its curves.
+  assert report.select_curve_keys(records, "counts") == ["counts/pairs", "counts/correct_sum"]
   assert report.select_curve_keys(records, "sft") == []
 
 

@@ -28,12 +28,14 @@ class DataError(ValueError):
     self.line = line
     self.field = field
     self.problem = problem
+    self.fix = fix
     parts = []
     if path is not None:
       parts.append(f"{path}:{line}" if line is not None else str(path))
     if field is not None:
       parts.append(f"field {field!r}")
     location = ", ".join(parts)
+    self.location = location
     message = f"{location}: {problem}" if location else problem
     if fix:
       message = f"{message} {fix}"
@@ -69,7 +71,8 @@ class BadRecordHandler:
     self.skipped_by_file[key] += 1
     count = self.skipped_by_file[key]
     if count <= _MAX_LOGGED_PER_FILE:
-      logging.warning("Skipped record (on_error='skip'): %s", error)
+      # The fix is left out: skipping is already what the caller chose.
+      logging.warning("Skipped record %s: %s", error.location or "(no location)", error.problem)
     if count == _MAX_LOGGED_PER_FILE:
       logging.warning("Further skipped records of %s are counted but not logged.", key)
 

@@ -14,8 +14,10 @@ Work directory layout:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
 import pathlib
@@ -82,7 +84,11 @@ class RunContext:
     if dataset not in self._prepared:
       config = DatasetConfig(name=dataset, data_dir=self.data_dir, split_seed=self.settings.seed,
                              sources=self.settings.data_sources.get(dataset, ()))
-      prepare(config)
+      # tfds prints "Downloading and preparing" although nothing is downloaded; say it plainly.
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder = prepare(config)
+      if distributed.is_main_process():
+        print(f"data: {dataset} ready in {builder.data_dir}", flush=True)
       self._prepared[dataset] = config
     return load(self._prepared[dataset], split)
 

@@ -16,7 +16,9 @@ from typing import Any, Sequence
 from absl import logging
 import jax
 import numpy as np
+import tqdm
 
+from llama2_jax import distributed
 from llama2_jax.chat import Message, encode_dialog_prompt
 from llama2_jax.evaluation_bleu import self_bleu
 from llama2_jax.evaluation_refusal import count_refusals
@@ -88,7 +90,9 @@ def run_evaluation(ctx: RunContext, scorer: PolicyScorer) -> tuple[str, Any]:
   reference = policies["sft"]
 
   results, combined = {}, {}
-  for index, (stage, params) in enumerate(policies.items()):
+  progress = tqdm.tqdm(policies.items(), desc="eval", total=len(policies),
+                       disable=not distributed.is_main_process(), dynamic_ncols=True)
+  for index, (stage, params) in enumerate(progress):
     key = jax.random.fold_in(rng, index)
     output = sample_responses(ctx, params, prompts.tokens, prompts.mask, key, sampling)
     scores = scorer.score(prompts.tokens, prompts.mask, output, prompts.is_safety)

@@ -119,7 +119,8 @@ def run_loop(settings: LoopSettings, *, create_state: Callable[[], Any], abstrac
     if start is not None:
       state = checkpointer.restore(abstract_state)
       set_data_state(checkpointer.read_metadata()["data_state"])
-      logging.info("Stage %s resumes from its checkpoint at step %d.", settings.stage, start)
+      if distributed.is_main_process():
+        tqdm.tqdm.write(f"{settings.stage}: resuming from its checkpoint at step {start}")
     else:
       state = create_state()
     start = start or 0

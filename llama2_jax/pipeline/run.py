@@ -24,6 +24,7 @@ import time
 from typing import Any, Sequence
 
 import jax
+import tensorflow_datasets as tfds
 
 from llama2_jax import checkpoint_io, distributed
 from llama2_jax.pipeline import evaluate, ppo_stage, train_stages
@@ -98,6 +99,7 @@ def run_pipeline(config, workdir: str | pathlib.Path,
       coordinator_address=config.distributed.coordinator_address or None,
       num_processes=config.distributed.num_processes or None,
       process_id=None if config.distributed.process_id < 0 else config.distributed.process_id))
+  tfds.disable_progress_bar()  # The stages show their own progress.
   tokenizer = Tokenizer(config.data.tokenizer or None)
   settings = settings_from_config(config, tokenizer.vocab_size)
   settings, imported_params = _initial_model(config, settings, tokenizer)

@@ -11,11 +11,11 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-from absl import logging
 import jax
 import numpy as np
+import tqdm
 
-from llama2_jax import sharding
+from llama2_jax import distributed, sharding
 from llama2_jax.data import RewardBatcher, SftBatcher
 from llama2_jax.data.batchers import PromptBatcher
 from llama2_jax.data.iterators import BatchIterator
@@ -275,7 +275,9 @@ def _draw_best_of_k(ctx: RunContext, params: Any, scorer: PolicyScorer) -> dict[
   rng = jax.random.key(ctx.settings.seed + 11)
   collected: dict[str, list[np.ndarray]] = {key: [] for key in (
       "prompts", "prompt_masks", "responses", "response_masks", "rewards", "valid")}
-  for batch_index in range(num_batches):
+  progress = tqdm.trange(num_batches, desc="rejection_sampling: sampling",
+                         disable=not distributed.is_main_process(), dynamic_ncols=True)
+  for batch_index in progress:
     batch = next(iterator)
     responses, masks, rewards = [], [], []
     for k in range(settings.num_samples):
@@ -295,8 +297,6 @@ def _draw_best_of_k(ctx: RunContext, params: Any, scorer: PolicyScorer) -> dict[
     # A sample is valid if its prompt is real and it generated at least one token.
     has_tokens = np.stack(masks, axis=1).sum(axis=2) > 0
     collected["valid"].append(has_tokens & (batch["example_mask"][:, None] != 0))
-    logging.info("Rejection sampling: %d/%d prompt batches sampled.", batch_index + 1,
-                 num_batches)
   arrays = {key: np.concatenate(values)[:settings.num_prompts]
             for key, values in collected.items()}
   return arrays
