@@ -158,7 +158,7 @@ class Attention(nn.Module):
                cache_index):
     """Attends over this call's tokens, or over the cache after writing them into it.
 
-    `kv_cache` is None or the (keys, values) of every layer, [N, B, K, S, Dh] each; this layer
+    `kv_cache` is None or the (keys, values) of every layer, [N, B, K, S, Dh] each. This layer
     writes its slice `layer` at slot `cache_index` and returns the updated pair. Updating the
     whole arrays, carried from layer to layer, lets XLA write in place instead of copying the
     cache at every decoding step.

@@ -84,7 +84,8 @@ class RunContext:
     if dataset not in self._prepared:
       config = DatasetConfig(name=dataset, data_dir=self.data_dir, split_seed=self.settings.seed,
                              sources=self.settings.data_sources.get(dataset, ()))
-      # tfds prints "Downloading and preparing" although nothing is downloaded; say it plainly.
+      # tfds prints "Downloading and preparing" although nothing is downloaded, so print one
+      # line of our own instead.
       with contextlib.redirect_stdout(io.StringIO()):
         builder = prepare(config)
       if distributed.is_main_process():
