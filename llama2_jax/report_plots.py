@@ -12,6 +12,7 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from llama2_jax.evaluation_reward import RATING_NAMES, RewardAccuracy
@@ -36,6 +37,7 @@ def plot_training_curves(records: Sequence[MetricsRecord], *, stage: str,
     axes.plot(steps[finite], values[finite], marker="." if finite.sum() < 30 else None)
     axes.set_title(key, fontsize=9)
     axes.set_xlabel("step")
+    axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
   return figure
 
@@ -68,6 +70,7 @@ def plot_best_of_k(curve: BestOfKCurve) -> Figure:
   axes.plot(curve.k, curve.max_reward, marker="o", label="max over K samples")
   axes.plot(curve.k, curve.median_reward, marker="o", label="median over K samples")
   axes.set_xlabel("K (samples per prompt)")
+  axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   axes.set_ylabel("reward, mean over prompts")
   axes.set_title(f"Best-of-K reward ({curve.prompts} prompts)")
   axes.grid(alpha=0.3)
@@ -76,19 +79,23 @@ def plot_best_of_k(curve: BestOfKCurve) -> Figure:
 
 
 def plot_policy_rewards(policies: Mapping[str, PolicyResults]) -> Figure:
-  """Draws grouped bars of the mean combined, helpfulness and safety rewards per policy."""
+  """Draws the mean combined, helpfulness and safety rewards per policy, one panel each.
+
+  Separate panels give each reward its own scale: the whitened combined reward and the raw
+  reward-model scores can differ by orders of magnitude.
+  """
   kinds = ("combined_reward", "helpfulness_reward", "safety_reward")
-  figure = Figure(figsize=(7.0, 3.6), layout="constrained")
-  axes = figure.add_subplot()
-  width = 0.8 / max(len(policies), 1)
-  for index, (name, policy) in enumerate(policies.items()):
-    positions = np.arange(len(kinds)) + (index - (len(policies) - 1) / 2) * width
-    axes.bar(positions, [getattr(policy, kind) for kind in kinds], width=width, label=name)
-  axes.set_xticks(range(len(kinds)), [kind.replace("_", " ") for kind in kinds])
-  axes.axhline(0.0, color="grey", linewidth=0.8)
-  axes.set_ylabel("mean over held-out prompts")
-  axes.set_title("Rewards of each policy")
-  axes.legend()
+  figure = Figure(figsize=(10.0, 3.4), layout="constrained")
+  figure.suptitle("Rewards of each policy, mean over held-out prompts")
+  names = list(policies)
+  for index, kind in enumerate(kinds):
+    axes = figure.add_subplot(1, len(kinds), index + 1)
+    axes.bar(range(len(names)), [getattr(policies[name], kind) for name in names],
+             color=[f"C{i}" for i in range(len(names))])
+    axes.set_xticks(range(len(names)), [name.replace("_", "\n") for name in names],
+                    fontsize=8)
+    axes.axhline(0.0, color="grey", linewidth=0.8)
+    axes.set_title(kind.replace("_", " "), fontsize=9)
   return figure
 
 
