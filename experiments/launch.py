@@ -5,6 +5,7 @@ by field as `--config.sft.learning_rate=1e-4`) and `--workdir`.
 """
 
 import os
+import re
 from typing import Sequence
 
 from absl import app, flags, logging
@@ -14,9 +15,19 @@ from llama2_jax.pipeline.loop import Preempted
 from llama2_jax.pipeline.run import run_pipeline
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "pipeline.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Pipeline config file, optionally with :variant (tiny, quick, "
-    "7b, 13b, 70b).", lock_config=True)
+try:
+  # config_flags applies the command line's overrides here, at definition time.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG, "Pipeline config file, optionally with :variant (tiny, quick, "
+      "7b, 13b, 70b).", lock_config=True)
+except (AttributeError, KeyError) as error:
+  # ml_collections raises these for a key the locked config lacks, with a suggestion. Exit with
+  # that one line instead of a traceback.
+  _suggestion = re.search(r'Did you mean "[^"]*" instead of "[^"]*"\?', str(error))
+  raise SystemExit(
+      "error: invalid config override, the config has no such key. "
+      + (_suggestion.group(0) if _suggestion else f"Unknown name: {str(error).strip(chr(34))}")
+  ) from None
 _WORKDIR = flags.DEFINE_string(
     "workdir", "workdir", "Directory of checkpoints, metrics and the report; rerunning with the "
     "same directory resumes.")
@@ -37,5 +48,10 @@ def main(stages: Sequence[str] | None) -> None:
     except Preempted as preempted:
       print(preempted, flush=True)
       raise
+    except (ValueError, RuntimeError, OSError) as error:
+      # Invalid settings, data or checkpoints: their messages name the field, file or stage.
+      # --verbosity=1 also logs the traceback.
+      logging.debug("Traceback of the error below.", exc_info=True)
+      raise SystemExit(f"error: {error}") from None
 
   app.run(run)

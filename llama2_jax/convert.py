@@ -62,12 +62,13 @@ def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   flags.FLAGS(sys.argv[:1])  # absl logging warns until its flags are parsed; none are used.
   logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)
   try:
     convert(args.source, args.destination, source_format=args.source_format,
             target_format=args.target_format, param_dtype=args.dtype, overwrite=args.overwrite)
   except (OSError, ValueError, ImportError, param_layout.MissingTensorError) as error:
     sys.exit(f"error: {error}")
+  print(f"Wrote {args.destination} ({args.target_format}).")
 
 
 if __name__ == "__main__":

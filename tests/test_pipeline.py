@@ -3,7 +3,10 @@
 import json
 import math
 import os
+import pathlib
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -212,3 +215,17 @@ def test_configs_are_locked_and_name_valid_keys():
   config.ppo.kl_estimator = "k2"
   with pytest.raises(ValueError, match=r"config.ppo.kl_estimator is 'k2'"):
     settings_from_config(config, vocab_size=4096)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.sft.learning_rat=1", 'Did you mean "learning_rate" instead of "learning_rat"?'),
+    ("--config.ppo.kl_estimator=k2", "config.ppo.kl_estimator is 'k2'"),
+])
+def test_command_line_errors_are_one_line(tmp_path, override, message):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.run_pipeline", override, f"--workdir={tmp_path}"],
+      capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parent.parent,
+      timeout=300)
+  assert result.returncode == 1
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
