@@ -10,10 +10,13 @@ Paper-scale recipes (hyper-parameters of Touvron et al., 2023, sections 3.1 to 3
 validate here, but need Meta or Hugging Face weights (`--config.init_from`) and a pod:
 
   python -m experiments.run_pipeline --config=experiments/configs/pipeline.py:7b \
-      --config.init_from=/ckpt/llama-2-7b --config.mesh.fsdp=-1 --workdir=gs://bucket/run
+      --config.init_from=/shared/llama-2-7b \
+      --config.data.tokenizer=/shared/llama-2-7b/tokenizer.model --config.mesh.fsdp=-1 \
+      --workdir=/shared/runs/7b
 
-Any field can be overridden, e.g. `--config.sft.learning_rate=1e-4`; the config is locked, so a
-misspelt key fails with the list of valid keys.
+The work directory must be a path every host can write (a shared mount); see docs/pod.md. Any
+field can be overridden, e.g. `--config.sft.learning_rate=1e-4`. The config is locked, so a
+misspelt key fails and names the key it most resembles.
 """
 
 import ml_collections
