@@ -16,7 +16,9 @@ import optax
 import pytest
 
 from experiments.configs import pipeline as pipeline_config
-from llama2_jax import checkpoint_io
+from llama2_jax import checkpoint_io, hf_io
+from llama2_jax.config import get_model_config
+from llama2_jax.model import Llama, init_params
 from llama2_jax.checkpoint import CheckpointConfig, Checkpointer
 from llama2_jax.pipeline import loop
 from llama2_jax.pipeline.run import STAGES, run_pipeline
@@ -229,3 +231,24 @@ def test_command_line_errors_are_one_line(tmp_path, override, message):
   assert result.returncode == 1
   assert message in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_init_from_hugging_face_weights_skips_pretraining(tmp_path, data_dir, capsys):
+  model_config = get_model_config("test_gqa", vocab_size=4096)  # The shipped tokenizer's size.
+  params = init_params(Llama(model_config), jax.random.key(3))
+  hf_io.save_hf(jax.device_get(params), model_config, tmp_path / "hf")
+  config = quick_config(data_dir)
+  config.init_from = str(tmp_path / "hf")
+
+  run_pipeline(config, tmp_path / "run", ("pretrain", "sft"))
+
+  assert f"pretrain: skipped, the base model comes from {tmp_path / 'hf'}" in (
+      capsys.readouterr().out)
+  assert not (tmp_path / "run" / "stages" / "pretrain").exists()
+  # SFT started from the imported weights, so 6 small steps leave the embeddings close to them;
+  # a fresh initialisation would be uncorrelated with them.
+  _, sft = checkpoint_io.load_orbax(tmp_path / "run" / "stages" / "sft" / "final")
+  before = np.asarray(params["params"]["tok_embeddings"])
+  after = sft["params"]["tok_embeddings"]
+  assert after.shape == before.shape
+  assert np.corrcoef(before.ravel(), after.ravel())[0, 1] > 0.9
