@@ -252,3 +252,21 @@ def test_init_from_hugging_face_weights_skips_pretraining(tmp_path, data_dir, ca
   after = sft["params"]["tok_embeddings"]
   assert after.shape == before.shape
   assert np.corrcoef(before.ravel(), after.ravel())[0, 1] > 0.9
+
+
+def test_second_rlhf_round_pools_best_samples_and_reports_last_round(tmp_path, data_dir):
+  config = quick_config(data_dir)
+  config.rlhf_rounds = 2
+  report = run_pipeline(config, tmp_path)
+
+  stages = tmp_path / "stages"
+  for stage in ("rejection_sampling_2", "ppo_2"):
+    assert (stages / stage / "done.json").exists(), stage
+  first = np.load(stages / "rejection_sampling" / "pool.npz")
+  second = np.load(stages / "rejection_sampling_2" / "pool.npz")
+  np.testing.assert_array_equal(second["prompts"], first["prompts"])
+  # A prompt's pooled sample is replaced only by a better one, and comes from round 1 or 2.
+  assert np.all(second["reward"] >= first["reward"])
+  assert set(np.unique(second["round"])) <= {1, 2}
+  assert json.loads((stages / "ppo_2" / "done.json").read_text())["round"] == 2
+  assert "training_ppo_2" in json.loads(report.with_suffix(".json").read_text())["plots"]

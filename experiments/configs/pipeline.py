@@ -55,6 +55,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.seed = 0                       # seeds initialisation, data order and sampling
   c.init_from = ""                 # Meta or Hugging Face checkpoint dir; empty: pretrain first
   c.init_format = ""               # "meta", "hf" or "orbax"; empty: detect from the files
+  c.rlhf_rounds = 1                # rounds of rejection sampling then PPO, each from the last
   c.data = ml_collections.ConfigDict(dict(
       tokenizer="",                # sentencepiece model; empty: the shipped 4,096-piece model
       data_dir="",                 # where tfds writes prepared data; empty: <workdir>/data

@@ -11,7 +11,7 @@ Every number comes from this run:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -72,8 +72,16 @@ def _responses(ctx: RunContext, output) -> list[str]:
           for row, row_mask in zip(tokens, mask)]
 
 
-def run_evaluation(ctx: RunContext, scorer: PolicyScorer) -> tuple[str, Any]:
-  """Measures everything in the report and writes it; returns (summary, report files)."""
+def run_evaluation(ctx: RunContext, scorer: PolicyScorer,
+                   policy_stages: Mapping[str, str]) -> tuple[str, Any]:
+  """Measures everything in the report and writes it; returns (summary, report files).
+
+  Args:
+    ctx: the run.
+    scorer: both reward models.
+    policy_stages: the stage whose final policy stands for each name of `POLICY_STAGES`, e.g.
+      {"sft": "sft", "rejection_sampling": "rejection_sampling_2", "ppo": "ppo_2"}.
+  """
   settings = ctx.settings.eval
   sampling = settings.sampling
   records = ctx.records("rl_prompts", "test")
@@ -86,7 +94,8 @@ def run_evaluation(ctx: RunContext, scorer: PolicyScorer) -> tuple[str, Any]:
     refusal_prompts.append(_PromptSet(ctx, [r.text for r in chosen], [label == "unsafe"] * len(
         chosen), sampling.max_prompt_length, settings.num_safe_borderline_prompts))
   rng = jax.random.key(ctx.settings.seed + 23)
-  policies = {stage: ctx.final_params(stage, ctx.policy_model) for stage in POLICY_STAGES}
+  policies = {name: ctx.final_params(policy_stages[name], ctx.policy_model)
+              for name in POLICY_STAGES}
   reference = policies["sft"]
 
   results, combined = {}, {}

@@ -55,11 +55,21 @@ class PPOLoopState:
     return {name: int(jax.device_get(value)) for name, value in self.data_state.items()}
 
 
-def run_ppo(ctx: RunContext, scorer: PolicyScorer) -> str:
+def run_ppo(ctx: RunContext, scorer: PolicyScorer, *, stage: str, round_index: int,
+            policy_stage: str) -> str:
+  """Runs PPO from `policy_stage`'s policy, which is also the frozen reference.
+
+  Args:
+    ctx: the run.
+    scorer: both reward models.
+    stage: this stage's name, e.g. "ppo" or "ppo_2".
+    round_index: the RLHF round, from 1; each round draws its own prompt order and samples.
+    policy_stage: the rejection-sampling stage of the same round.
+  """
   settings = ctx.settings.ppo
   mesh = ctx.mesh
   policy_model, value_model = ctx.policy_model, ctx.value_model
-  policy_params = ctx.final_params("rejection_sampling", policy_model)
+  policy_params = ctx.final_params(policy_stage, policy_model)
   value_params = ctx.final_params("reward_helpfulness", value_model)
   optim = dataclasses.asdict(ctx.settings.optim)
   optim.pop("final_learning_rate_fraction")  # The PPO learning rates are constant.
@@ -68,7 +78,8 @@ def run_ppo(ctx: RunContext, scorer: PolicyScorer) -> str:
                                                  **optim))
 
   sampling = settings.sampling
-  config = ctx.batch_config(settings.rollout_size, sampling.max_prompt_length, seed_offset=8)
+  config = ctx.batch_config(settings.rollout_size, sampling.max_prompt_length,
+                            seed_offset=100 * round_index + 8)
   iterator = BatchIterator(ctx.records("rl_prompts", "train"),
                            PromptBatcher(ctx.tokenizer, config), config)
   batches = DeviceBatches(iterator, mesh, settings.rollout_size,
@@ -126,7 +137,8 @@ def run_ppo(ctx: RunContext, scorer: PolicyScorer) -> str:
                                  safety_threshold=settings.safety_threshold)
 
   def iteration(state: PPOLoopState, prompts: dict) -> tuple[PPOLoopState, dict]:
-    key = jax.random.fold_in(jax.random.key(seed + 17), int(jax.device_get(state.step)))
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed + 17), round_index),
+                             int(jax.device_get(state.step)))
     output = sample_responses(ctx, state.ppo.policy.params, prompts["prompt_tokens"],
                               prompts["prompt_mask"], key, sampling)
     rollout, rollout_metrics = score_rollout(
@@ -147,13 +159,13 @@ def run_ppo(ctx: RunContext, scorer: PolicyScorer) -> str:
 
   checkpoint_every = max(1, min(ctx.settings.checkpoint_every, settings.iterations // 4))
   state, metrics = run_loop(
-      ctx.loop_settings("ppo", settings.iterations, ("ppo/policy_loss", "ppo/value_loss"),
+      ctx.loop_settings(stage, settings.iterations, ("ppo/policy_loss", "ppo/value_loss"),
                         checkpoint_every=checkpoint_every),
       create_state=create, abstract_state=sharding.with_shardings(abstract, shardings),
       step_fn=iteration, batches=batches, get_data_state=batches.get_state,
       set_data_state=batches.set_state, metadata={"config": ctx.resolved_config})
-  ctx.finish_stage("ppo", state.ppo.policy.params, {"metrics": metrics})
+  ctx.finish_stage(stage, state.ppo.policy.params, {"metrics": metrics, "round": round_index})
   values = ", ".join(f"{key} {metrics[key]:.4g}" for key in ("ppo/score", "ppo/kl",
                                                             "ppo/clip_fraction")
                     if key in metrics)
-  return f"ppo: {values or 'resumed at its last iteration'}"
+  return f"{stage}: {values or 'resumed at its last iteration'}"

@@ -11,6 +11,10 @@ Stages, each starting from the previous stage's output in the work directory:
   ppo                  PPO against the frozen rejection-sampling policy with a KL penalty
   eval                 held-out evaluation of the policies and the report
 
+With `rlhf_rounds` N > 1, rejection sampling and PPO repeat as rounds 2..N, named
+`rejection_sampling_2`, `ppo_2`, and so on; each round starts from the previous round's PPO
+policy, and the evaluation compares SFT with the last round.
+
 A finished stage has `stages/<stage>/done.json` and is skipped on a rerun; an unfinished stage
 resumes from its last checkpoint.
 """
@@ -36,9 +40,29 @@ from llama2_jax.tokenizer import Tokenizer
 
 STAGES = ("pretrain", "sft", "reward_helpfulness", "reward_safety", "rejection_sampling", "ppo",
           "eval")
+REWARD_STAGES = ("reward_helpfulness", "reward_safety")
 CONFIG_FILENAME = "config.json"
 # Fields that may change between a run and its resumption: they do not change any result.
 RESUMABLE_FIELDS = ("log",)
+
+
+def round_stage(kind: str, round_index: int) -> str:
+  """Names the stage of `kind` ("rejection_sampling" or "ppo") in an RLHF round, from 1."""
+  return kind if round_index == 1 else f"{kind}_{round_index}"
+
+
+def stage_names(rlhf_rounds: int) -> tuple[str, ...]:
+  """Lists the stages in order: `STAGES` with one rejection-sampling and PPO pair per round."""
+  rounds = tuple(round_stage(kind, index) for index in range(1, rlhf_rounds + 1)
+                 for kind in ("rejection_sampling", "ppo"))
+  return ("pretrain", "sft") + REWARD_STAGES + rounds + ("eval",)
+
+
+def _kind_and_round(stage: str) -> tuple[str, int]:
+  kind, _, suffix = stage.rpartition("_")
+  if suffix.isdigit() and kind in ("rejection_sampling", "ppo"):
+    return kind, int(suffix)
+  return stage, 1
 
 
 def _print(message: str) -> None:
@@ -85,15 +109,12 @@ def run_pipeline(config, workdir: str | pathlib.Path,
   Args:
     config: the ConfigDict of `experiments/configs/pipeline.py`.
     workdir: where every output goes; rerunning with the same directory resumes.
-    stages: names from `STAGES` to run; None runs all. A stage needs the earlier ones done.
+    stages: names of stages to run (see `stage_names`); None runs all. "rejection_sampling" and
+      "ppo" also select those stages of later rounds. A stage needs the earlier ones done.
 
   Returns:
     The path of report.md when the eval stage ran or had run, else None.
   """
-  stages = tuple(stages or STAGES)
-  unknown = [stage for stage in stages if stage not in STAGES]
-  if unknown:
-    raise ValueError(f"Unknown stages {unknown}; expected names from {STAGES}.")
   distributed.initialize(distributed.DistributedConfig(
       enabled=config.distributed.enabled,
       coordinator_address=config.distributed.coordinator_address or None,
@@ -104,6 +125,11 @@ def run_pipeline(config, workdir: str | pathlib.Path,
   settings = settings_from_config(config, tokenizer.vocab_size)
   settings, imported_params = _initial_model(config, settings, tokenizer)
   mesh = make_mesh(MeshConfig(**settings.mesh))
+  all_stages = stage_names(settings.rlhf_rounds)
+  requested = set(stages or all_stages)
+  unknown = sorted(requested - set(all_stages))
+  if unknown:
+    raise ValueError(f"Unknown stages {unknown}; expected names from {all_stages}.")
 
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +145,9 @@ def run_pipeline(config, workdir: str | pathlib.Path,
          f"{dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} devices.")
 
   scorer = None
-  for stage in STAGES:
-    if stage not in stages:
+  for stage in all_stages:
+    kind, round_index = _kind_and_round(stage)
+    if stage not in requested and kind not in requested:
       continue
     if stage == "pretrain" and settings.init_from:
       _print("pretrain: skipped, the base model comes from " + settings.init_from)
@@ -128,7 +155,7 @@ def run_pipeline(config, workdir: str | pathlib.Path,
     if ctx.is_done(stage):
       _print(f"{stage}: already done, skipped")
       continue
-    _require_done(ctx, stage)
+    _require_done(ctx, stage, settings.rlhf_rounds)
     started = time.monotonic()
     if stage == "pretrain":
       summary = train_stages.run_pretrain(ctx)
@@ -141,13 +168,22 @@ def run_pipeline(config, workdir: str | pathlib.Path,
                                               ctx.final_params("sft", ctx.policy_model))
     else:
       scorer = scorer or load_scorer(ctx)
-      if stage == "rejection_sampling":
+      if kind == "rejection_sampling":
+        policy_stage = "sft" if round_index == 1 else round_stage("ppo", round_index - 1)
         summary = train_stages.run_rejection_sampling(
-            ctx, ctx.final_params("sft", ctx.policy_model), scorer)
-      elif stage == "ppo":
-        summary = ppo_stage.run_ppo(ctx, scorer)
+            ctx, scorer, stage=stage, round_index=round_index,
+            policy_params=ctx.final_params(policy_stage, ctx.policy_model),
+            previous_stage=(None if round_index == 1
+                            else round_stage("rejection_sampling", round_index - 1)))
+      elif kind == "ppo":
+        summary = ppo_stage.run_ppo(
+            ctx, scorer, stage=stage, round_index=round_index,
+            policy_stage=round_stage("rejection_sampling", round_index))
       else:
-        summary, _ = evaluate.run_evaluation(ctx, scorer)
+        last = settings.rlhf_rounds
+        summary, _ = evaluate.run_evaluation(ctx, scorer, {
+            "sft": "sft", "rejection_sampling": round_stage("rejection_sampling", last),
+            "ppo": round_stage("ppo", last)})
     _print(f"{summary} [{time.monotonic() - started:.0f} s]")
 
   report = workdir / "report" / "report.md"
@@ -158,14 +194,25 @@ def run_pipeline(config, workdir: str | pathlib.Path,
   return None
 
 
-def _require_done(ctx: RunContext, stage: str) -> None:
+def _require_done(ctx: RunContext, stage: str, rlhf_rounds: int) -> None:
   """Raises if a stage that `stage` reads from has not finished."""
-  needs = {"pretrain": (), "sft": () if ctx.settings.init_from else ("pretrain",),
-           "reward_helpfulness": ("sft",), "reward_safety": ("sft",),
-           "rejection_sampling": ("sft", "reward_helpfulness", "reward_safety"),
-           "ppo": ("rejection_sampling", "reward_helpfulness", "reward_safety"),
-           "eval": ("sft", "rejection_sampling", "ppo", "reward_helpfulness", "reward_safety")}
-  missing = [name for name in needs[stage] if not ctx.is_done(name)]
+  kind, index = _kind_and_round(stage)
+  if kind == "pretrain":
+    needs = ()
+  elif kind == "sft":
+    needs = () if ctx.settings.init_from else ("pretrain",)
+  elif kind in REWARD_STAGES:
+    needs = ("sft",)
+  elif kind == "rejection_sampling":
+    needs = ("sft",) + REWARD_STAGES
+    if index > 1:
+      needs += (round_stage("rejection_sampling", index - 1), round_stage("ppo", index - 1))
+  elif kind == "ppo":
+    needs = (stage.replace("ppo", "rejection_sampling", 1),) + REWARD_STAGES
+  else:
+    needs = ("sft",) + REWARD_STAGES + (round_stage("rejection_sampling", rlhf_rounds),
+                                        round_stage("ppo", rlhf_rounds))
+  missing = [name for name in needs if not ctx.is_done(name)]
   if missing:
     raise RuntimeError(f"Stage {stage!r} needs the finished stages {missing}; run them first "
                        "(or run the whole pipeline) with the same --workdir.")

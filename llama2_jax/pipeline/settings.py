@@ -199,6 +199,7 @@ class PipelineSettings:
   checkpoint_every: int
   keep_checkpoints: int
   log_every: int
+  rlhf_rounds: int
   pretrain: TrainSettings | None
   sft: TrainSettings
   reward: RewardSettings
@@ -208,6 +209,9 @@ class PipelineSettings:
 
   def __post_init__(self):
     _positive("log", self, "checkpoint_every", "keep_checkpoints", "log_every")
+    if not (isinstance(self.rlhf_rounds, int) and self.rlhf_rounds > 0):
+      raise ValueError(f"config.rlhf_rounds is {self.rlhf_rounds!r}; it must be a positive "
+                       "integer.")
 
 
 def _section(config, name: str, cls, **extra):
@@ -257,6 +261,7 @@ def settings_from_config(config, vocab_size: int) -> PipelineSettings:
       optim=_section(config, "optim", OptimizerSettings), mesh=dict(config.mesh),
       distributed=dict(config.distributed), checkpoint_every=config.log.checkpoint_every,
       keep_checkpoints=config.log.keep_checkpoints, log_every=config.log.log_every,
+      rlhf_rounds=config.rlhf_rounds,
       pretrain=None if config.init_from else _train(config, "pretrain"),
       sft=_train(config, "sft"),
       reward=RewardSettings(train=_train(reward, "train"), margin=reward.margin,

@@ -21,7 +21,8 @@ from llama2_jax.data.batchers import PromptBatcher
 from llama2_jax.data.iterators import BatchIterator
 from llama2_jax.data.sft import sft_batch, sft_example_from_ids
 from llama2_jax.evaluation_reward import reward_model_accuracy
-from llama2_jax.losses.rejection_sampling import reward_by_num_samples, update_pool
+from llama2_jax.losses.rejection_sampling import (
+    SamplePool, reward_by_num_samples, update_pool)
 from llama2_jax.losses.reward import RewardStatistics
 from llama2_jax.model import Llama, init_params
 from llama2_jax.optim import OptimizerConfig, make_optimizer
@@ -215,24 +216,53 @@ class _ExampleBatcher:
                      pad_id=self.pad_id)
 
 
-def run_rejection_sampling(ctx: RunContext, sft_params: Any, scorer: PolicyScorer) -> str:
+def run_rejection_sampling(ctx: RunContext, scorer: PolicyScorer, *, stage: str,
+                           round_index: int, policy_params: Any,
+                           previous_stage: str | None) -> str:
   """Stage 4: K samples per RL prompt, scored with the combined reward; fine-tunes on the best.
 
-  The samples and rewards are saved to `samples.npz` before fine-tuning, so a rerun after a
-  kill does not sample again.
+  Each round samples from the latest policy (SFT in round 1, the previous round's PPO policy
+  after that) on the same prompts, and keeps for each prompt the best sample of this and every
+  earlier round, as Llama 2 did (Touvron et al., 2023, section 3.2.3). The reward models do not
+  change between rounds, so earlier rewards stay comparable. The policy is then fine-tuned on
+  those samples, starting from the policy that drew them.
+
+  The samples are saved to `samples.npz`, and the pool of best samples to `pool.npz`, before
+  fine-tuning, so a rerun after a kill does not sample again.
+
+  Args:
+    ctx: the run.
+    scorer: both reward models.
+    stage: this stage's name, e.g. "rejection_sampling" or "rejection_sampling_2".
+    round_index: the RLHF round, from 1.
+    policy_params: the policy that samples and is fine-tuned.
+    previous_stage: the rejection-sampling stage of the previous round, whose pool is merged.
   """
   settings = ctx.settings.rejection_sampling
-  stage_dir = ctx.stage_dir("rejection_sampling")
+  stage_dir = ctx.stage_dir(stage)
   samples_path = stage_dir / "samples.npz"
   if not samples_path.exists():
-    arrays = _draw_best_of_k(ctx, sft_params, scorer)
+    arrays = _draw_best_of_k(ctx, policy_params, scorer, round_index)
     save_arrays_atomically(samples_path, arrays)
   arrays = dict(np.load(samples_path))
   rewards_PxK = arrays["rewards"]
-  valid_PxK = arrays["valid"]
+  previous_pool = None
+  if previous_stage is not None:
+    previous = dict(np.load(ctx.stage_dir(previous_stage) / "pool.npz"))
+    if not np.array_equal(previous["prompts"], arrays["prompts"]):
+      raise ValueError(f"The prompts of {stage} differ from those of {previous_stage}, so their "
+                       "samples cannot be pooled; keep the rejection_sampling settings fixed.")
+    previous_pool = SamplePool(
+        reward_P=previous["reward"], round_P=previous["round"],
+        samples_P={"tokens": previous["tokens"], "mask": previous["mask"]})
   pool, pool_metrics = update_pool(
-      None, rewards_PxK=rewards_PxK, sample_mask_PxK=valid_PxK, round_index=0,
+      previous_pool, rewards_PxK=rewards_PxK, sample_mask_PxK=arrays["valid"],
+      round_index=round_index,
       samples_PxK={"tokens": arrays["responses"], "mask": arrays["response_masks"]})
+  save_arrays_atomically(stage_dir / "pool.npz", {
+      "prompts": arrays["prompts"], "reward": np.asarray(pool.reward_P),
+      "round": np.asarray(pool.round_P), "tokens": np.asarray(pool.samples_P["tokens"]),
+      "mask": np.asarray(pool.samples_P["mask"])})
   curve = reward_by_num_samples(rewards_PxK=rewards_PxK)
   examples = []
   for row in np.flatnonzero(np.asarray(pool.round_P) >= 0):
@@ -248,21 +278,24 @@ def run_rejection_sampling(ctx: RunContext, sft_params: Any, scorer: PolicyScore
   config = ctx.batch_config(train.batch_size, train.max_length, seed_offset=5)
   iterator = BatchIterator(examples, _ExampleBatcher(config, ctx.tokenizer.pad_id), config)
   batches = DeviceBatches(iterator, ctx.mesh, train.batch_size, _select(SFT_KEYS))
-  params, metrics = train_language_model(ctx, "rejection_sampling", train, params=sft_params,
+  params, metrics = train_language_model(ctx, stage, train, params=policy_params,
                                          batches=batches)
   best_of_k = {"k": curve.k.tolist(), "max_reward": np.asarray(curve.max_reward).tolist(),
                "median_reward": np.asarray(curve.median_reward).tolist(),
                "prompts": int(rewards_PxK.shape[0])}
-  ctx.finish_stage("rejection_sampling", params, {
-      "metrics": metrics, "best_of_k": best_of_k,
-      "pool_reward": float(pool_metrics["rs/pool_reward"]), "examples": len(examples)})
-  return (f"rejection_sampling: best of {rewards_PxK.shape[1]} on {rewards_PxK.shape[0]} "
-          f"prompts, mean best reward {float(pool_metrics['rs/pool_reward']):.3f} (single "
-          f"sample {best_of_k['max_reward'][0]:.3f}); "
+  from_this_round = int(np.sum(np.asarray(pool.round_P) == round_index))
+  ctx.finish_stage(stage, params, {
+      "metrics": metrics, "best_of_k": best_of_k, "round": round_index,
+      "pool_reward": float(pool_metrics["rs/pool_reward"]), "examples": len(examples),
+      "pool_from_this_round": from_this_round})
+  return (f"{stage}: best of {rewards_PxK.shape[1]} on {rewards_PxK.shape[0]} prompts, pool "
+          f"reward {float(pool_metrics['rs/pool_reward']):.3f} ({from_this_round} samples from "
+          f"round {round_index}; single sample {best_of_k['max_reward'][0]:.3f}); "
           f"{_summary('fine-tune', metrics, ('sft/loss',))}")
 
 
-def _draw_best_of_k(ctx: RunContext, params: Any, scorer: PolicyScorer) -> dict[str, np.ndarray]:
+def _draw_best_of_k(ctx: RunContext, params: Any, scorer: PolicyScorer,
+                    round_index: int) -> dict[str, np.ndarray]:
   """Samples K responses for each of `num_prompts` RL prompts and scores them."""
   settings = ctx.settings.rejection_sampling
   sampling = settings.sampling
@@ -272,10 +305,10 @@ def _draw_best_of_k(ctx: RunContext, params: Any, scorer: PolicyScorer) -> dict[
   iterator = BatchIterator(ctx.records("rl_prompts", "train"),
                            PromptBatcher(ctx.tokenizer, config), config)
   num_batches = math.ceil(settings.num_prompts / settings.prompt_batch_size)
-  rng = jax.random.key(ctx.settings.seed + 11)
+  rng = jax.random.fold_in(jax.random.key(ctx.settings.seed + 11), round_index)
   collected: dict[str, list[np.ndarray]] = {key: [] for key in (
       "prompts", "prompt_masks", "responses", "response_masks", "rewards", "valid")}
-  progress = tqdm.trange(num_batches, desc="rejection_sampling: sampling",
+  progress = tqdm.trange(num_batches, desc=f"rejection sampling, round {round_index}",
                          disable=not distributed.is_main_process(), dynamic_ncols=True)
   for batch_index in progress:
     batch = next(iterator)
