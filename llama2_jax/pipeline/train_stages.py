@@ -221,10 +221,10 @@ def run_rejection_sampling(ctx: RunContext, scorer: PolicyScorer, *, stage: str,
                            previous_stage: str | None) -> str:
   """Stage 4: K samples per RL prompt, scored with the combined reward; fine-tunes on the best.
 
-  Each round samples from the latest policy (SFT in round 1, the previous round's PPO policy
-  after that) on the same prompts, and keeps for each prompt the best sample of this and every
-  earlier round, as Llama 2 did (Touvron et al., 2023, section 3.2.3). The reward models do not
-  change between rounds, so earlier rewards stay comparable. The policy is then fine-tuned on
+  Each round samples from the latest policy on the same prompts: SFT in round 1, the previous
+  round's PPO policy after that. For each prompt it keeps the best sample of this and every
+  earlier round, as Llama 2 did (Touvron et al., 2023). The reward models do not change between
+  rounds, so earlier rewards stay comparable. The policy is then fine-tuned on
   those samples, starting from the policy that drew them.
 
   The samples are saved to `samples.npz`, and the pool of best samples to `pool.npz`, before
