@@ -1,4 +1,4 @@
-"""Stage 5: PPO against the frozen rejection-sampling policy.
+"""Stage 5: PPO against the frozen rejection-sampling policy, in every RLHF round.
 
 Earlier stages must have finished in the same work directory:
 

@@ -1,4 +1,4 @@
-"""Stage 4: one rejection-sampling round (best of K) and fine-tuning on the best.
+"""Stage 4: rejection sampling (best of K) and fine-tuning on the best, in every RLHF round.
 
 Earlier stages must have finished in the same work directory:
 
