@@ -1,4 +1,4 @@
-"""Writing an output directory so that readers find all of it or none of it."""
+"""Writing output files and directories so that readers find all of them or none."""
 
 from __future__ import annotations
 
@@ -6,7 +6,37 @@ import contextlib
 import os
 import pathlib
 import shutil
+import tempfile
 import uuid
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | pathlib.Path, *, binary: bool = False, permissions: int = 0o644):
+  """Yields an open temporary file that is renamed to `path` when the block succeeds.
+
+  The file is a hidden sibling of `path`, flushed to disk before the rename, so a reader sees
+  the old file or the whole new one. If the block raises, the temporary file is deleted.
+
+  Args:
+    path: the file to write; its directory is created if missing.
+    binary: open the file in binary mode instead of UTF-8 text.
+    permissions: mode bits of the new file (mkstemp alone would make it owner-only).
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                           suffix=".tmp")
+  try:
+    os.chmod(temporary, permissions)
+    mode, encoding = ("wb", None) if binary else ("w", "utf-8")
+    with os.fdopen(descriptor, mode, encoding=encoding) as file:
+      yield file
+      file.flush()
+      os.fsync(file.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    pathlib.Path(temporary).unlink(missing_ok=True)
+    raise
 
 
 @contextlib.contextmanager

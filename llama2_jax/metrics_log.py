@@ -32,7 +32,6 @@ import math
 import os
 import pathlib
 import stat
-import tempfile
 import time
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -40,7 +39,7 @@ import numpy as np
 import tensorboardX
 from absl import logging
 
-from llama2_jax import distributed
+from llama2_jax import _atomic, distributed
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
@@ -262,15 +261,5 @@ def _drop_records(path: pathlib.Path, *, stage: str, min_step: int) -> int:
 
 
 def _replace_file(path: pathlib.Path, text: str) -> None:
-  descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    # mkstemp creates the file readable by its owner only; keep the permissions of the original.
-    os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
-    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-      file.write(text)
-      file.flush()
-      os.fsync(file.fileno())
-    os.replace(temporary, path)
-  except BaseException:
-    os.unlink(temporary)
-    raise
+  with _atomic.atomic_file(path, permissions=stat.S_IMODE(path.stat().st_mode)) as file:
+    file.write(text)

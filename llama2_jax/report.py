@@ -21,13 +21,12 @@ import json
 import math
 import os
 import pathlib
-import tempfile
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from absl import logging
 from matplotlib.figure import Figure
 
-from llama2_jax import report_plots
+from llama2_jax import _atomic, report_plots
 from llama2_jax.evaluation_reward import RATING_NAMES
 from llama2_jax.metrics_log import MetricsRecord, read_metrics
 from llama2_jax.report_markdown import render_markdown
@@ -154,23 +153,10 @@ def summarize_training(records: Sequence[MetricsRecord]) -> dict[str, Any]:
 
 
 def _save_figure(figure: Figure, path: pathlib.Path) -> None:
-  _write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=100), binary=True)
+  with _atomic.atomic_file(path, binary=True) as file:
+    figure.savefig(file, format="png", dpi=100)
 
 
 def _write_text(path: pathlib.Path, text: str) -> None:
-  _write_atomically(path, lambda file: file.write(text), binary=False)
-
-
-def _write_atomically(path: pathlib.Path, write: Callable[[Any], Any], *, binary: bool) -> None:
-  """Calls `write` on a temporary file next to `path`, then renames it to `path`."""
-  descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    mode, encoding = ("wb", None) if binary else ("w", "utf-8")
-    with os.fdopen(descriptor, mode, encoding=encoding) as file:
-      write(file)
-    # mkstemp creates files readable by the owner only; give the report the usual permissions.
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
-  except BaseException:
-    pathlib.Path(temporary).unlink(missing_ok=True)
-    raise
+  with _atomic.atomic_file(path) as file:
+    file.write(text)

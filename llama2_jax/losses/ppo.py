@@ -251,11 +251,7 @@ def ppo_policy_loss(
   loss_BxT = jnp.maximum(-advantages_BxT * ratio_BxT, -advantages_BxT * clipped_ratio_BxT)
   loss_BxT = jnp.where(mask_BxT, loss_BxT, 0.0)
 
-  tokens = mask_BxT.sum().astype(jnp.float32)
-  if normalizer is None:
-    normalizer = jnp.maximum(tokens, 1.0)
-  loss_sum = loss_BxT.sum()
-  loss = loss_sum / jnp.asarray(normalizer, jnp.float32)
+  loss, loss_sum, tokens = _normalized_sum(loss_BxT, mask_BxT, normalizer)
 
   ratio_BxT = jax.lax.stop_gradient(ratio_BxT)
   log_ratio_BxT = jax.lax.stop_gradient(log_ratio_BxT)
@@ -322,11 +318,7 @@ def ppo_value_loss(
     clipped_error_BxT = jnp.square(clipped_values_BxT - returns_BxT)
   loss_BxT = jnp.where(mask_BxT, 0.5 * jnp.maximum(squared_error_BxT, clipped_error_BxT), 0.0)
 
-  tokens = mask_BxT.sum().astype(jnp.float32)
-  if normalizer is None:
-    normalizer = jnp.maximum(tokens, 1.0)
-  loss_sum = loss_BxT.sum()
-  loss = loss_sum / jnp.asarray(normalizer, jnp.float32)
+  loss, loss_sum, tokens = _normalized_sum(loss_BxT, mask_BxT, normalizer)
 
   squared_error_BxT = jax.lax.stop_gradient(squared_error_BxT)
   clipped_BxT = mask_BxT & (jax.lax.stop_gradient(clipped_error_BxT) > squared_error_BxT)
@@ -375,13 +367,22 @@ def masked_entropy(
   """
   mask_BxT = jnp.asarray(response_mask_BxT) != 0
   entropy_BxT = jnp.where(mask_BxT, token_entropy(logits_BxTxV), 0.0)
+  entropy, entropy_sum, tokens = _normalized_sum(entropy_BxT, mask_BxT, normalizer)
+  sums = {"ppo/entropy_sum": jax.lax.stop_gradient(entropy_sum)}
+  metrics = _with_token_means(sums, tokens, {"ppo/entropy": "ppo/entropy_sum"})
+  return entropy, metrics
+
+
+def _normalized_sum(values_BxT: jax.Array, mask_BxT: jax.Array, normalizer):
+  """Returns (sum / normalizer, sum, token count) of values already zeroed off the mask.
+
+  A `normalizer` of None means the number of real tokens (at least 1).
+  """
   tokens = mask_BxT.sum().astype(jnp.float32)
   if normalizer is None:
     normalizer = jnp.maximum(tokens, 1.0)
-  entropy_sum = entropy_BxT.sum()
-  sums = {"ppo/entropy_sum": jax.lax.stop_gradient(entropy_sum)}
-  metrics = _with_token_means(sums, tokens, {"ppo/entropy": "ppo/entropy_sum"})
-  return entropy_sum / jnp.asarray(normalizer, jnp.float32), metrics
+  total = values_BxT.sum()
+  return total / jnp.asarray(normalizer, jnp.float32), total, tokens
 
 
 def _with_token_means(

@@ -19,9 +19,7 @@ import dataclasses
 import functools
 import io
 import json
-import os
 import pathlib
-import tempfile
 from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
@@ -29,7 +27,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from llama2_jax import checkpoint_io, distributed, sharding
+from llama2_jax import _atomic, checkpoint_io, distributed, sharding
 from llama2_jax.data import BatchConfig, DatasetConfig, load, prepare
 from llama2_jax.data.builders import RecordSource
 from llama2_jax.model import Llama, param_axes
@@ -159,22 +157,16 @@ def place_params(params: Any, model: Llama, mesh: Mesh) -> Any:
 
 
 def write_json_atomically(path: pathlib.Path, data: Mapping[str, Any]) -> None:
-  """Writes JSON to a temporary file in the same directory, then renames it into place."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                   delete=False, encoding="utf-8") as file:
+  """Writes `data` as JSON to `path`, all or nothing."""
+  with _atomic.atomic_file(path) as file:
     json.dump(data, file, indent=2, allow_nan=False)
     file.write("\n")
-  os.replace(file.name, path)
 
 
 def save_arrays_atomically(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
-  """Writes an .npz file under a temporary name, then renames it into place."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".npz",
-                                   delete=False) as file:
+  """Writes `arrays` as an .npz file to `path`, all or nothing."""
+  with _atomic.atomic_file(path, binary=True) as file:
     np.savez(file, **arrays)
-  os.replace(file.name, path)
 
 
 class DeviceBatches(Iterator[Any]):

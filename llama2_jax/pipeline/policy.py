@@ -17,6 +17,7 @@ from llama2_jax.pipeline.settings import SamplingSettings
 from llama2_jax.rollout import concatenate_prompt_and_response
 from llama2_jax.sampling import SampleOutput, sample
 from llama2_jax.steps.ppo import response_logprobs
+from llama2_jax.steps.reward import reward_scores
 
 
 def sample_responses(ctx: RunContext, params: Any, prompt_tokens_BxP, prompt_mask_BxP,
@@ -29,9 +30,8 @@ def sample_responses(ctx: RunContext, params: Any, prompt_tokens_BxP, prompt_mas
                 top_p=sampling.top_p, eos_id=ctx.tokenizer.eos_id, pad_id=ctx.tokenizer.pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _scores(model: Llama, params, tokens_BxL, mask_BxL):
-  return model.apply(params, tokens_BxL, mask_BxL)
+# Reward-model scores [B] of whole rows, compiled once per model and shape.
+score_sequences = jax.jit(reward_scores, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "response_length"))
@@ -71,8 +71,8 @@ class PolicyScorer:
     tokens, mask = concatenate_prompt_and_response(
         jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_mask_BxP), output)
     model = self.ctx.reward_model
-    helpfulness_B = _scores(model, self.helpfulness_params, tokens, mask)
-    safety_B = _scores(model, self.safety_params, tokens, mask)
+    helpfulness_B = score_sequences(model, self.helpfulness_params, tokens, mask)
+    safety_B = score_sequences(model, self.safety_params, tokens, mask)
     combined_B, _ = combine_safety_and_helpfulness_rewards(
         helpfulness_scores_B=helpfulness_B, safety_scores_B=safety_B,
         is_safety_prompt_B=jnp.asarray(is_safety_B),

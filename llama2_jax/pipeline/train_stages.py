@@ -29,7 +29,7 @@ from llama2_jax.optim import OptimizerConfig, make_optimizer
 from llama2_jax.pipeline.context import (
     DeviceBatches, RunContext, make_train_state, save_arrays_atomically)
 from llama2_jax.pipeline.loop import run_loop
-from llama2_jax.pipeline.policy import PolicyScorer, sample_responses
+from llama2_jax.pipeline.policy import PolicyScorer, sample_responses, score_sequences
 from llama2_jax.pipeline.settings import OptimizerSettings, TrainSettings
 from llama2_jax.steps.reward import reward_step
 from llama2_jax.steps.sft import sft_step
@@ -155,13 +155,10 @@ def run_reward_model(ctx: RunContext, stage: str, sft_params: Any) -> str:
       ctx, stage, train, model=model, params=reward_model_from_policy(ctx, sft_params),
       batches=batches, step_fn=reward_step, loss_keys=("reward/loss",))
 
-  scorer = jax.jit(model.apply)
-  train_scores = _score_pairs(ctx, scorer, params, dataset, "train", settings.eval_pairs,
-                              train)
+  train_scores = _score_pairs(ctx, params, dataset, "train", settings.eval_pairs, train)
   statistics = RewardStatistics.measure(
       np.concatenate([train_scores["chosen"], train_scores["rejected"]]))
-  test_scores = _score_pairs(ctx, scorer, params, dataset, "test", settings.eval_pairs,
-                             train)
+  test_scores = _score_pairs(ctx, params, dataset, "test", settings.eval_pairs, train)
   accuracy = reward_model_accuracy(chosen_scores_B=test_scores["chosen"],
                                    rejected_scores_B=test_scores["rejected"],
                                    ratings_B=test_scores["rating"])
@@ -174,7 +171,7 @@ def run_reward_model(ctx: RunContext, stage: str, sft_params: Any) -> str:
           f"{accuracy.accuracy:.3f} on {accuracy.pairs} pairs")
 
 
-def _score_pairs(ctx: RunContext, scorer, params, dataset: str, split: str, max_pairs: int,
+def _score_pairs(ctx: RunContext, params, dataset: str, split: str, max_pairs: int,
                  train: TrainSettings) -> dict[str, np.ndarray]:
   """Scores up to `max_pairs` pairs of a split in stored order; returns numpy arrays."""
   config = ctx.batch_config(train.batch_size, train.max_length, seed_offset=0, shuffle=False,
@@ -186,9 +183,9 @@ def _score_pairs(ctx: RunContext, scorer, params, dataset: str, split: str, max_
   count = 0
   for batch in iterator:
     keep = batch["example_mask"] != 0
-    chosen.append(np.asarray(scorer(params, batch["chosen_tokens"], batch["chosen_mask"]))[keep])
-    rejected.append(np.asarray(
-        scorer(params, batch["rejected_tokens"], batch["rejected_mask"]))[keep])
+    for side, scores in (("chosen", chosen), ("rejected", rejected)):
+      scores.append(np.asarray(score_sequences(
+          ctx.reward_model, params, batch[f"{side}_tokens"], batch[f"{side}_mask"]))[keep])
     rating.append(batch["rating"][keep])
     count += int(keep.sum())
     if count >= max_pairs:
