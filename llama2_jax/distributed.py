@@ -2,8 +2,8 @@
 
 On a pod every host runs the same program. `initialize` must run first, before any JAX call that
 touches devices, because `jax.distributed.initialize` raises once a backend exists. After it,
-`jax.devices()` lists the devices of all hosts and a mesh spans them; each host feeds only its own
-devices, by reading the rows `host_batch_rows` gives it and passing them to `make_global_batch`.
+`jax.devices()` lists the devices of all hosts and a mesh spans them. Each host feeds only its own
+devices: it reads the rows that `host_batch_rows` returns and passes them to `make_global_batch`.
 See docs/pod.md for the launch command.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-  """How the processes of a multi-host job find each other.
+  """Connection settings of the processes of a multi-host job.
 
   Attributes:
     enabled: call `jax.distributed.initialize`; leave False on a single host.
@@ -94,7 +94,7 @@ def host_batch_rows(global_shape: Sequence[int], sharding: Sharding) -> slice:
   for block_start, block_stop in blocks[1:]:
     if block_start != stop:
       raise ValueError(
-          f"Process {jax.process_index()} holds rows {blocks} of the global batch, which are not "
+          f"Process {jax.process_index()} has rows {blocks} of the global batch, which are not "
           "contiguous; order the mesh devices so that each host's devices are adjacent on the "
           "batch axes.")
     stop = block_stop

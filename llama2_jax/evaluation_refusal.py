@@ -6,7 +6,7 @@ refusal, and it should refuse the unsafe ones. The XSTest paper classifies respo
 raters and with automatic classifiers, one of which is string matching against refusal phrases.
 
 `is_refusal` is such a string-matching heuristic and nothing more: it misses refusals worded
-differently from `REFUSAL_PHRASES` (e.g. a lecture that never says "I can't") and it counts a
+differently from `REFUSAL_PHRASES` (e.g. a lecture without "I can't"), and it counts a
 response that opens with "I'm sorry to hear that" and then helps as a refusal. Treat its rates
 as estimates and read the sampled responses next to them.
 """
@@ -84,7 +84,7 @@ def is_refusal(
     response: the model's answer, without the prompt.
     phrases: lowercase refusal phrases with straight apostrophes.
     match: "start" (the normalised response starts with a phrase) or "anywhere" (it contains
-      one). "anywhere" finds refusals after a preamble but also flags answers that merely quote
+      one). "anywhere" finds refusals after a preamble but also flags responses that merely quote
       a phrase such as "as an AI".
 
   Raises:

@@ -2,7 +2,7 @@
 
 The report shows only what it is given: the `report_schema.Results` of the evaluation and the
 training records of `metrics_log`. A value that was not measured is shown as "missing" in
-report.md and as null in report.json, and report.json never holds NaN or infinity.
+report.md and as null in report.json, so report.json contains no NaN or infinity.
 
 Output directory layout:
   report.md        tables and relative links to the plots
@@ -10,8 +10,8 @@ Output directory layout:
                     "training": last logged value of each metric per stage, "plots": paths}
   plots/*.png
 
-Every file is first written under a temporary name in the same directory and then moved into
-place with `os.replace`, so a reader never sees a partly written file.
+Every file is written under a temporary name in the same directory and then renamed into
+place (`_atomic.atomic_file`), so a reader finds the old file or the whole new one.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def write_report(results: Results, output_dir: str | os.PathLike, *,
     results: validated results, e.g. from `Results.from_dict`.
     output_dir: directory for report.md, report.json and plots/; created if missing.
     metrics_path: the `metrics.jsonl` of the run (or its directory). None leaves the training
-      curves out and says so in the report.
+      curves out, and the report states that they are missing.
     title: first heading of report.md.
 
   Returns:
@@ -100,9 +100,10 @@ def select_curve_keys(records: Sequence[MetricsRecord], stage: str,
                       max_keys: int = MAX_CURVES_PER_STAGE) -> list[str]:
   """Picks the metric keys of `stage` to plot: the objectives first, then other means.
 
-  Keys of `PRIORITY_KEYS` come first, in that order. Keys whose last path part ends in "_sum",
-  or that contain "_sum/" or "/pairs", are sums and denominators kept for exact averaging; they
-  are plotted only when a stage logs nothing else. Other keys follow in first-logged order.
+  Keys of `PRIORITY_KEYS` come first, in that order, and other keys follow in first-logged
+  order. Keys whose last path part ends in "_sum", or that contain "_sum/" or "/pairs", are sums
+  and denominators kept for exact averaging. They are plotted only when a stage logs nothing
+  else.
   """
   keys = list(dict.fromkeys(
       key for record in records if record.stage == stage for key in record.metrics))

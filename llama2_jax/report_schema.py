@@ -54,7 +54,7 @@ POLICY_NAMES = ("sft", "rejection_sampling", "ppo")
 
 
 class InvalidResultsError(ValueError):
-  """A results dict or dataclass that is missing a field or holds an invalid value."""
+  """A results dict or dataclass with a missing field or an invalid value."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -159,7 +159,12 @@ def logical_to_mesh_spec(logical_spec: Sequence[str | None], shape: Sequence[int
         raise ValueError(message + ". Choose a size divisible by that, or a smaller mesh axis.")
       logging.warning("%s; replicating that dimension instead.", message)
       axes = ()
-    entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    if not axes:
+      entries.append(None)
+    elif len(axes) == 1:
+      entries.append(axes[0])
+    else:
+      entries.append(axes)
   return PartitionSpec(*entries)
 
 

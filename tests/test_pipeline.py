@@ -188,7 +188,8 @@ def test_nan_loss_keeps_last_checkpoint(tmp_path):
 def test_every_variant_builds_and_validates(variant):
   config = pipeline_config.get_config(variant)
   settings = settings_from_config(config, vocab_size=32000)
-  assert settings.sft.steps > 0 and settings.model.vocab_size == 32000
+  assert settings.sft.steps > 0
+  assert settings.model.vocab_size == 32000
 
 
 def test_data_and_optimizer_sections_reach_the_settings():
@@ -201,7 +202,8 @@ def test_data_and_optimizer_sections_reach_the_settings():
   assert (second.format, second.path, second.is_safety) == ("red_team", "/data/red.jsonl.gz",
                                                             False)
   assert "sft_dialogues" not in settings.data_sources
-  assert settings.optim.b2 == 0.99 and settings.optim.weight_decay == 0.1
+  assert settings.optim.b2 == 0.99
+  assert settings.optim.weight_decay == 0.1
 
 
 def test_malformed_data_source_names_the_field():
@@ -256,7 +258,7 @@ def test_init_from_hugging_face_weights_skips_pretraining(tmp_path, data_dir, ca
   assert np.corrcoef(before.ravel(), after.ravel())[0, 1] > 0.9
 
 
-def test_second_rlhf_round_pools_best_samples_and_reports_last_round(tmp_path, data_dir):
+def test_second_rlhf_round_pools_samples(tmp_path, data_dir):
   config = quick_config(data_dir)
   config.rlhf_rounds = 2
   report = run_pipeline(config, tmp_path)

@@ -179,20 +179,27 @@ def _make_quick(c):
 
 
 def _make_paper_scale(c, variant):
-  """Llama 2-Chat hyper-parameters (Touvron et al., 2023, sections 3.1 and 3.2)."""
+  """Llama 2-Chat hyper-parameters (Touvron et al., 2023, sections 3.1 and 3.2).
+
+  NOTE: the values below were written from the paper's text as recalled, not re-checked against
+  a copy of the paper in this repository; check them before a paper-scale run.
+  """
   c.model.preset = f"llama2_{variant}"
   c.model.max_seq_len = 4096
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
   c.log.checkpoint_every = 200
+
   # SFT: batch 64, sequence length 4096, lr 2e-5, weight decay 0.1, 2 epochs (section 3.1).
   c.sft = _train(steps=1700, batch_size=64, max_length=4096, learning_rate=2e-5,
                  warmup_steps=50, num_microbatches=8, packing=True)
+
   # Reward models: one epoch, batch 512 pairs, lr 5e-6 for 70B and 1e-5 otherwise, 3% warm-up.
   reward_lr = 5e-6 if variant == "70b" else 1e-5
   c.reward.train = _train(steps=2000, batch_size=512, max_length=4096, learning_rate=reward_lr,
                           warmup_steps=60, num_microbatches=64)
   c.reward.eval_pairs = 4096
+
   # PPO: batch 512, minibatch 64, one gradient step per minibatch, lr 1e-6, clip 0.2,
   # beta 0.01 (7B, 13B) or 0.005 (34B, 70B), 200 to 400 iterations.
   c.ppo.iterations = 200
@@ -202,8 +209,10 @@ def _make_paper_scale(c, variant):
   c.ppo.learning_rate = 1e-6
   c.ppo.value_learning_rate = 1e-6
   c.ppo.kl_coef = 0.005 if variant == "70b" else 0.01
+
   for sampling in (c.rejection_sampling.sampling, c.ppo.sampling, c.eval.sampling):
     sampling.max_prompt_length, sampling.max_new_tokens = 1024, 1024
+
   c.rejection_sampling.num_prompts = 10000
   c.rejection_sampling.num_samples = 10
   c.rejection_sampling.prompt_batch_size = 64
